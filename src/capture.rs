@@ -1,0 +1,413 @@
+//! The capture commands (apply, clean, check) as library calls: config in, report out.
+//! The CLI, the CNI plugin and the tests all call these.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::config::{BackendChoice, CaptureConfig, Ipv6};
+use crate::netfilter::{self, Backend, FamilyState, NetfilterError};
+use crate::netns::{self, Netns};
+use crate::plan::{self, Family, Plan, TableName, INBOUND_SOURCE_V6};
+use crate::render::join_args;
+use crate::rules::{Saved, ShuntView};
+
+/// Where the rules go: the namespace, the backend and the IPv6 decision, settled once.
+pub struct Target {
+    pub netns: Option<Netns>,
+    pub backend: Backend,
+    pub ipv6: bool,
+    /// The IPv4 save read while choosing the backend, reused rather than read twice.
+    v4: Option<Saved>,
+}
+
+fn backend_available(b: Backend) -> Result<(), NetfilterError> {
+    if b.available(Family::V4) {
+        Ok(())
+    } else {
+        Err(NetfilterError::MissingTool {
+            tool: b.tool(Family::V4, "restore"),
+        })
+    }
+}
+
+fn holds_shunt(saved: &Saved) -> bool {
+    netfilter::views(saved).iter().any(|(_, v)| !v.is_empty())
+}
+
+/// SPEC §2 `--backend auto`: the backend that already holds rules in that namespace (shunt's
+/// first, then the one with more rules), else nft, else legacy. Warns when both hold rules.
+fn choose_backend(
+    choice: BackendChoice,
+    ns: Option<&Netns>,
+) -> Result<(Backend, Option<Saved>), NetfilterError> {
+    match choice {
+        BackendChoice::Legacy => {
+            backend_available(Backend::Legacy).map(|()| (Backend::Legacy, None))
+        }
+        BackendChoice::Nft => backend_available(Backend::Nft).map(|()| (Backend::Nft, None)),
+        BackendChoice::Auto => {
+            let mut seen = Vec::new();
+            for b in [Backend::Nft, Backend::Legacy] {
+                if b.available(Family::V4) {
+                    let saved = netfilter::save(b, Family::V4, ns)?;
+                    seen.push((b, saved));
+                }
+            }
+            if seen.is_empty() {
+                return Err(NetfilterError::MissingTool {
+                    tool: "iptables-nft-restore or iptables-legacy-restore".into(),
+                });
+            }
+            let holding: Vec<&(Backend, Saved)> =
+                seen.iter().filter(|(_, s)| s.has_rules()).collect();
+            if holding.len() > 1 {
+                tracing::warn!(
+                    "both the nft and the legacy iptables backends hold rules in this namespace; \
+                     mixing them makes packet paths hard to predict (see `iptables-legacy-save` \
+                     and `iptables-nft-save`)"
+                );
+            }
+            let rule_count = |s: &Saved| s.tables.iter().map(|t| t.rules.len()).sum::<usize>();
+            let pick = holding
+                .iter()
+                .max_by_key(|(_, s)| (holds_shunt(s), rule_count(s)))
+                .map(|(b, _)| *b)
+                .unwrap_or(seen[0].0);
+            let saved = seen.into_iter().find(|(b, _)| *b == pick).map(|(_, s)| s);
+            tracing::debug!(backend = pick.name(), "backend chosen");
+            Ok((pick, saved))
+        }
+    }
+}
+
+/// IPv6 is usable when the namespace has it enabled and ip6tables is installed.
+fn ipv6_enabled(
+    choice: Ipv6,
+    backend: Backend,
+    ns: Option<&Netns>,
+) -> Result<bool, NetfilterError> {
+    match choice {
+        Ipv6::On => Ok(true),
+        Ipv6::Off => Ok(false),
+        Ipv6::Auto => {
+            // /proc/sys/net shows the namespace of the thread that opens it.
+            let kernel = netns::run_in(ns, || {
+                std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+                    .map(|s| s.trim() == "0")
+                    .unwrap_or(false)
+            })?;
+            let tools = backend.available(Family::V6);
+            if kernel && !tools {
+                tracing::warn!(
+                    "IPv6 is enabled but {} is missing: IPv6 traffic will not be captured",
+                    backend.tool(Family::V6, "restore")
+                );
+            }
+            Ok(kernel && tools)
+        }
+    }
+}
+
+impl Target {
+    pub fn resolve(cfg: &CaptureConfig) -> Result<Target, crate::Error> {
+        let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+        let (backend, v4) = choose_backend(cfg.backend, netns.as_ref())?;
+        let ipv6 = ipv6_enabled(cfg.ipv6, backend, netns.as_ref())?;
+        Ok(Target {
+            netns,
+            backend,
+            ipv6,
+            v4,
+        })
+    }
+
+    fn ns(&self) -> Option<&Netns> {
+        self.netns.as_ref()
+    }
+
+    fn families(&self) -> Vec<Family> {
+        if self.ipv6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
+
+    /// Reads what is installed now, for each family in play.
+    fn read(&mut self, families: &[Family]) -> Result<Vec<FamilyState>, NetfilterError> {
+        families
+            .iter()
+            .map(|&family| {
+                let saved = match (family, self.v4.take()) {
+                    (Family::V4, Some(s)) => s,
+                    _ => netfilter::save(self.backend, family, self.ns())?,
+                };
+                Ok(FamilyState {
+                    family,
+                    views: netfilter::views(&saved),
+                })
+            })
+            .collect()
+    }
+}
+
+fn desired(plan: &Plan, families: &[Family]) -> Vec<(Family, Vec<(TableName, ShuntView)>)> {
+    families
+        .iter()
+        .map(|&f| {
+            let rs = match f {
+                Family::V4 => Some(&plan.v4),
+                Family::V6 => plan.v6.as_ref(),
+            };
+            (f, netfilter::planned_views(rs))
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyReport {
+    pub backend: Backend,
+    pub ipv6: bool,
+    pub dry_run: bool,
+    /// The restore scripts that ran (or would run), per family; empty when nothing changed.
+    pub changes: Vec<(Family, String)>,
+}
+
+/// `shunt apply`: converge the namespace to the plan, atomically per family.
+pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
+    let mut target = Target::resolve(cfg)?;
+    let plan = plan::build(cfg, target.ipv6);
+    let families = target.families();
+    let current = target.read(&families)?;
+    let want = desired(&plan, &families);
+    let mut report = ApplyReport {
+        backend: target.backend,
+        ipv6: target.ipv6,
+        dry_run,
+        changes: Vec::new(),
+    };
+    if dry_run {
+        for (state, (family, views)) in current.iter().zip(&want) {
+            if let Some(script) = netfilter::converge(&state.views, views) {
+                report.changes.push((*family, script));
+            }
+        }
+        return Ok(report);
+    }
+    if target.ipv6 {
+        add_inbound_source_v6(target.ns())?;
+    }
+    let applied = netfilter::apply_families(target.backend, target.ns(), &current, &want)?;
+    report.changes = applied.scripts;
+    Ok(report)
+}
+
+/// The proxy reaches the app from ::6 (SPEC §3 item 5); the kernel only lets it bind an
+/// address that is configured, so put it on `lo`. `replace` makes this idempotent.
+fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<(), crate::Error> {
+    let out = netns::command("ip", ns)
+        .args([
+            "-6",
+            "addr",
+            "replace",
+            &format!("{INBOUND_SOURCE_V6}/128"),
+            "dev",
+            "lo",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| NetfilterError::Spawn {
+            tool: "ip (iproute2)".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NetfilterError::ToolFailed {
+            tool: "ip -6 addr replace ::6/128 dev lo".into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct CleanReport {
+    pub removed: Vec<(Backend, Family, String)>,
+}
+
+/// `shunt clean`: remove shunt's chains and jumps, every table, both families; with
+/// `--backend auto` from every backend that has them. Nothing else is touched.
+pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
+    let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+    let backends: Vec<Backend> = match cfg.backend {
+        BackendChoice::Legacy => vec![Backend::Legacy],
+        BackendChoice::Nft => vec![Backend::Nft],
+        BackendChoice::Auto => [Backend::Nft, Backend::Legacy]
+            .into_iter()
+            .filter(|b| b.available(Family::V4))
+            .collect(),
+    };
+    if backends.is_empty() {
+        return Err(NetfilterError::MissingTool {
+            tool: "iptables-nft-restore or iptables-legacy-restore".into(),
+        }
+        .into());
+    }
+    let mut report = CleanReport { removed: vec![] };
+    for backend in backends {
+        let families: Vec<Family> = [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| backend.available(*f) || cfg.backend != BackendChoice::Auto)
+            .collect();
+        let mut current = Vec::new();
+        for family in families {
+            let saved = netfilter::save(backend, family, netns.as_ref())?;
+            current.push(FamilyState {
+                family,
+                views: netfilter::views(&saved),
+            });
+        }
+        let empty: Vec<_> = current
+            .iter()
+            .map(|s| (s.family, netfilter::planned_views(None)))
+            .collect();
+        let applied = netfilter::apply_families(backend, netns.as_ref(), &current, &empty)?;
+        for (family, script) in applied.scripts {
+            report.removed.push((backend, family, script));
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub backend: Backend,
+    pub ipv6: bool,
+    /// A unified-style diff per family (`-` installed only, `+` planned only); empty = in sync.
+    pub drift: Vec<(Family, Vec<String>)>,
+}
+
+impl CheckReport {
+    pub fn in_sync(&self) -> bool {
+        self.drift.is_empty()
+    }
+}
+
+/// `shunt check`: the installed rules versus the plan for these options.
+pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
+    let mut target = Target::resolve(cfg)?;
+    let plan = plan::build(cfg, target.ipv6);
+    // Read both families: IPv6 rules left behind while IPv6 is off are drift too.
+    let all = [Family::V4, Family::V6];
+    let families: Vec<Family> = all
+        .into_iter()
+        .filter(|f| *f == Family::V4 || target.ipv6 || target.backend.available(*f))
+        .collect();
+    let current = target.read(&families)?;
+    let want = desired(&plan, &families);
+    let mut drift = Vec::new();
+    for (state, (family, views)) in current.iter().zip(&want) {
+        let lines = diff(&view_lines(&state.views), &view_lines(views));
+        if !lines.is_empty() {
+            drift.push((*family, lines));
+        }
+    }
+    Ok(CheckReport {
+        backend: target.backend,
+        ipv6: target.ipv6,
+        drift,
+    })
+}
+
+/// A view as restore-style lines, in a stable order, for diffing.
+fn view_lines(views: &[(TableName, ShuntView)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (t, v) in views {
+        if v.is_empty() {
+            continue;
+        }
+        out.push(format!("*{}", t.as_str()));
+        for (chain, rules) in &v.jumps {
+            for r in rules {
+                out.push(format!("-A {chain} {}", join_args(r)));
+            }
+        }
+        for (chain, rules) in &v.chains {
+            out.push(format!(":{chain}"));
+            for r in rules {
+                out.push(format!("-A {chain} {}", join_args(r)));
+            }
+        }
+    }
+    out
+}
+
+/// A minimal line diff (longest common subsequence): `-` lines only in `a`, `+` only in `b`.
+fn diff(a: &[String], b: &[String]) -> Vec<String> {
+    if a == b {
+        return Vec::new();
+    }
+    let (n, m) = (a.len(), b.len());
+    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+ {}", b[j]));
+            j += 1;
+        } else {
+            out.push(format!("- {}", a[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The drift report as text: one block per family.
+pub fn drift_text(report: &CheckReport) -> String {
+    let mut s = String::new();
+    for (family, lines) in &report.drift {
+        let _ = writeln!(
+            s,
+            "{} ({} backend): installed (-) vs plan (+)",
+            family.name(),
+            report.backend.name()
+        );
+        for l in lines {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn diff_marks_missing_and_extra_lines() {
+        assert!(diff(&v(&["a", "b"]), &v(&["a", "b"])).is_empty());
+        assert_eq!(
+            diff(&v(&["a", "x", "c"]), &v(&["a", "b", "c"])),
+            v(&["+ b", "- x"])
+        );
+        assert_eq!(diff(&v(&[]), &v(&["a"])), v(&["+ a"]));
+    }
+}

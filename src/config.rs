@@ -1,0 +1,639 @@
+//! Capture options: one raw layer shared by flags, `SHUNT_*` variables, TOML files and CNI
+//! JSON, validated once into typed values.
+//!
+//! Every layer fills the same [`RawOptions`] (all fields are optional strings), so the list of
+//! options is written exactly once. [`RawOptions::layer`] merges them (flag > env > file >
+//! default) and [`RawOptions::resolve`] turns the result into a [`CaptureConfig`] or a
+//! [`ConfigError`] naming the option and the bad value.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A bad option value, a bad config file, or options that contradict each other.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid value '{value}' for --{option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("conflicting options: {0}")]
+    Conflict(String),
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+fn invalid(option: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Accepts a string, a number, a bool or a list of those, and keeps it as the comma-separated
+/// string a flag would carry. TOML and CNI JSON users write `[80, 443]` or `"80,443"` alike.
+fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        B(bool),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        One(Scalar),
+        Many(Vec<Scalar>),
+    }
+    fn text(s: Scalar) -> String {
+        match s {
+            Scalar::S(s) => s,
+            Scalar::I(i) => i.to_string(),
+            Scalar::B(b) => b.to_string(),
+        }
+    }
+    Ok(Option::<Value>::deserialize(d)?.map(|v| match v {
+        Value::One(s) => text(s),
+        Value::Many(v) => v.into_iter().map(text).collect::<Vec<_>>().join(","),
+    }))
+}
+
+macro_rules! raw_options {
+    ($( $(#[doc = $doc:literal])* $field:ident : $env:literal ),* $(,)?) => {
+        /// The capture options as given, before validation. The same struct is a clap
+        /// argument group (flags and `SHUNT_*` variables), a TOML file and a CNI config.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawOptions {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env, value_name = "VALUE", help_heading = "Capture options")]
+                #[serde(default, deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
+                pub $field: Option<String>,
+            )*
+        }
+
+        impl RawOptions {
+            /// Fills every option not set here from `lower` (flag > env > file > default).
+            pub fn layer(self, lower: RawOptions) -> RawOptions {
+                RawOptions { $( $field: self.$field.or(lower.$field), )* }
+            }
+        }
+    };
+}
+
+raw_options! {
+    /// Port that outbound TCP is redirected to [default: 15001]
+    proxy_port: "SHUNT_PROXY_PORT",
+    /// Port that inbound TCP is redirected to [default: 15006]
+    inbound_port: "SHUNT_INBOUND_PORT",
+    /// Uid(s) never captured: the proxy itself; list, ranges allowed [default: 1337]
+    proxy_uid: "SHUNT_PROXY_UID",
+    /// Gid(s) never captured [default: 1337]
+    proxy_gid: "SHUNT_PROXY_GID",
+    /// Inbound interception: redirect (nat) [default: redirect]
+    mode: "SHUNT_MODE",
+    /// Destinations whose outbound TCP is captured; '*' = all, '' = none [default: *]
+    outbound_cidrs: "SHUNT_OUTBOUND_CIDRS",
+    /// Destinations never captured (wins over --outbound-cidrs)
+    exclude_outbound_cidrs: "SHUNT_EXCLUDE_OUTBOUND_CIDRS",
+    /// Destination ports always captured, whatever the CIDR lists say
+    outbound_ports: "SHUNT_OUTBOUND_PORTS",
+    /// Destination ports never captured
+    exclude_outbound_ports: "SHUNT_EXCLUDE_OUTBOUND_PORTS",
+    /// Local ports whose inbound TCP is captured; '*' = all, '' = none [default: *]
+    inbound_ports: "SHUNT_INBOUND_PORTS",
+    /// Local ports never captured inbound (the proxy's ports always are excluded)
+    exclude_inbound_ports: "SHUNT_EXCLUDE_INBOUND_PORTS",
+    /// Interfaces whose traffic is never captured, in or out
+    exclude_interfaces: "SHUNT_EXCLUDE_INTERFACES",
+    /// IPv6 rules: on, off, or auto (on when the namespace has IPv6) [default: auto]
+    ipv6: "SHUNT_IPV6",
+    /// iptables backend: legacy, nft, or auto (the one holding rules, else nft) [default: auto]
+    backend: "SHUNT_BACKEND",
+    /// Network namespace to act in: /run/netns/NAME or /proc/PID/ns/net [default: current]
+    netns: "SHUNT_NETNS",
+}
+
+/// Reads a TOML config file into the raw layer; unknown keys are errors (typos must not be
+/// silently ignored in a tool that decides where traffic goes).
+pub fn read_file(path: &Path) -> Result<RawOptions, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string().trim().to_string(),
+    })
+}
+
+/// An inclusive port range; a single port has `first == last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for PortRange {
+    /// iptables-save's spelling: `80` or `8000:8100`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}:{}", self.first, self.last)
+        }
+    }
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+/// `*` (everything) or an explicit list, possibly empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Set<T> {
+    All,
+    List(Vec<T>),
+}
+
+impl<T> Set<T> {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Set::List(v) if v.is_empty())
+    }
+    pub fn none() -> Self {
+        Set::List(Vec::new())
+    }
+}
+
+/// A uid or gid range for the owner match (`1337` or `1000-2000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct IdRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl fmt::Display for IdRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Redirect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ipv6 {
+    On,
+    Off,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendChoice {
+    Legacy,
+    Nft,
+    Auto,
+}
+
+/// Validated capture options: everything the plan needs, and nothing unchecked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CaptureConfig {
+    pub proxy_port: u16,
+    pub inbound_port: u16,
+    pub proxy_uid: Vec<IdRange>,
+    pub proxy_gid: Vec<IdRange>,
+    pub mode: Mode,
+    pub outbound_cidrs: Set<IpNet>,
+    pub exclude_outbound_cidrs: Set<IpNet>,
+    pub outbound_ports: Set<PortRange>,
+    pub exclude_outbound_ports: Set<PortRange>,
+    pub inbound_ports: Set<PortRange>,
+    pub exclude_inbound_ports: Set<PortRange>,
+    pub exclude_interfaces: Vec<String>,
+    pub ipv6: Ipv6,
+    pub backend: BackendChoice,
+    pub netns: Option<PathBuf>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        // The defaults are defined once, as text, and go through the same validation.
+        RawOptions::default()
+            .resolve()
+            .expect("built-in defaults are valid")
+    }
+}
+
+fn items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn parse_port(option: &'static str, value: &str, s: &str) -> Result<u16, ConfigError> {
+    match s.parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        Ok(_) => Err(invalid(
+            option,
+            value,
+            format!("port {s} is outside 1-65535"),
+        )),
+        Err(_) => Err(invalid(
+            option,
+            value,
+            format!("'{s}' is not a port number"),
+        )),
+    }
+}
+
+fn parse_port_set(option: &'static str, value: &str) -> Result<Set<PortRange>, ConfigError> {
+    if value.trim() == "*" {
+        return Ok(Set::All);
+    }
+    let mut out = Vec::new();
+    for item in items(value) {
+        let (a, b) = item
+            .split_once('-')
+            .or_else(|| item.split_once(':'))
+            .unwrap_or((item, item));
+        let (first, last) = (
+            parse_port(option, value, a.trim())?,
+            parse_port(option, value, b.trim())?,
+        );
+        if first > last {
+            return Err(invalid(option, value, format!("range {item} is reversed")));
+        }
+        out.push(PortRange { first, last });
+    }
+    out.sort();
+    out.dedup();
+    Ok(Set::List(out))
+}
+
+fn parse_cidr_set(option: &'static str, value: &str) -> Result<Set<IpNet>, ConfigError> {
+    if value.trim() == "*" {
+        return Ok(Set::All);
+    }
+    let mut out = Vec::new();
+    for item in items(value) {
+        let net = match item.parse::<IpNet>() {
+            Ok(n) => n,
+            // A bare address is a host route, as in Istio's and Kuma's flags.
+            Err(_) => match item.parse::<IpAddr>() {
+                Ok(a) => IpNet::from(a),
+                Err(_) => {
+                    return Err(invalid(
+                        option,
+                        value,
+                        format!("'{item}' is not an IPv4/IPv6 address or CIDR (e.g. 10.0.0.0/8)"),
+                    ))
+                }
+            },
+        };
+        // iptables stores the network address; keeping it so makes `check` compare equal.
+        out.push(net.trunc());
+    }
+    out.dedup();
+    Ok(Set::List(out))
+}
+
+fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigError> {
+    let id = |s: &str| {
+        s.trim().parse::<u32>().map_err(|_| {
+            invalid(
+                option,
+                value,
+                format!("'{}' is not a numeric id (0-4294967295)", s.trim()),
+            )
+        })
+    };
+    let mut out = Vec::new();
+    for item in items(value) {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let (first, last) = (id(a)?, id(b)?);
+        if first > last {
+            return Err(invalid(option, value, format!("range {item} is reversed")));
+        }
+        out.push(IdRange { first, last });
+    }
+    Ok(out)
+}
+
+/// Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..".
+fn parse_ifaces(option: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for item in items(value) {
+        let ok = item.len() <= 15
+            && item != "."
+            && item != ".."
+            && !item.contains('/')
+            && !item.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(invalid(
+                option,
+                value,
+                format!("'{item}' is not a valid interface name (1-15 bytes, no '/' or spaces)"),
+            ));
+        }
+        out.push(item.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_enum<T: Copy>(
+    option: &'static str,
+    value: &str,
+    choices: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    let v = value.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<_> = choices.iter().map(|(n, _)| *n).collect();
+            invalid(
+                option,
+                value,
+                format!("expected one of: {}", names.join(", ")),
+            )
+        })
+}
+
+impl RawOptions {
+    /// Validates every option, then the combinations. Nothing touches the system here.
+    pub fn resolve(&self) -> Result<CaptureConfig, ConfigError> {
+        let get = |v: &Option<String>, default: &'static str| -> String {
+            v.clone().unwrap_or_else(|| default.to_string())
+        };
+        let proxy_port = parse_port(
+            "proxy-port",
+            &get(&self.proxy_port, "15001"),
+            get(&self.proxy_port, "15001").trim(),
+        )?;
+        let inbound_port = parse_port(
+            "inbound-port",
+            &get(&self.inbound_port, "15006"),
+            get(&self.inbound_port, "15006").trim(),
+        )?;
+        let mode_text = get(&self.mode, "redirect");
+        if mode_text.trim().eq_ignore_ascii_case("tproxy") {
+            return Err(invalid(
+                "mode",
+                &mode_text,
+                "tproxy mode is not implemented in this version; use redirect",
+            ));
+        }
+        let cfg = CaptureConfig {
+            proxy_port,
+            inbound_port,
+            proxy_uid: parse_ids("proxy-uid", &get(&self.proxy_uid, "1337"))?,
+            proxy_gid: parse_ids("proxy-gid", &get(&self.proxy_gid, "1337"))?,
+            mode: parse_enum("mode", &mode_text, &[("redirect", Mode::Redirect)])?,
+            outbound_cidrs: parse_cidr_set("outbound-cidrs", &get(&self.outbound_cidrs, "*"))?,
+            exclude_outbound_cidrs: parse_cidr_set(
+                "exclude-outbound-cidrs",
+                &get(&self.exclude_outbound_cidrs, ""),
+            )?,
+            outbound_ports: parse_port_set("outbound-ports", &get(&self.outbound_ports, ""))?,
+            exclude_outbound_ports: parse_port_set(
+                "exclude-outbound-ports",
+                &get(&self.exclude_outbound_ports, ""),
+            )?,
+            inbound_ports: parse_port_set("inbound-ports", &get(&self.inbound_ports, "*"))?,
+            exclude_inbound_ports: parse_port_set(
+                "exclude-inbound-ports",
+                &get(&self.exclude_inbound_ports, ""),
+            )?,
+            exclude_interfaces: parse_ifaces(
+                "exclude-interfaces",
+                &get(&self.exclude_interfaces, ""),
+            )?,
+            ipv6: parse_enum(
+                "ipv6",
+                &get(&self.ipv6, "auto"),
+                &[
+                    ("on", Ipv6::On),
+                    ("true", Ipv6::On),
+                    ("off", Ipv6::Off),
+                    ("false", Ipv6::Off),
+                    ("auto", Ipv6::Auto),
+                ],
+            )?,
+            backend: parse_enum(
+                "backend",
+                &get(&self.backend, "auto"),
+                &[
+                    ("legacy", BackendChoice::Legacy),
+                    ("nft", BackendChoice::Nft),
+                    ("auto", BackendChoice::Auto),
+                ],
+            )?,
+            netns: self
+                .netns
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        };
+        cfg.check_combinations()?;
+        Ok(cfg)
+    }
+}
+
+impl CaptureConfig {
+    fn check_combinations(&self) -> Result<(), ConfigError> {
+        if self.proxy_port == self.inbound_port {
+            return Err(ConfigError::Conflict(format!(
+                "--inbound-port {} equals --proxy-port {}: inbound and outbound traffic need \
+                 separate proxy ports",
+                self.inbound_port, self.proxy_port
+            )));
+        }
+        if self.proxy_uid.is_empty() && self.proxy_gid.is_empty() {
+            return Err(ConfigError::Conflict(
+                "--proxy-uid and --proxy-gid are both empty: the proxy's own traffic would be \
+                 captured again (a loop); give at least one"
+                    .into(),
+            ));
+        }
+        for (option, set) in [
+            ("outbound-ports", &self.outbound_ports),
+            ("inbound-ports", &self.inbound_ports),
+        ] {
+            if let Set::List(list) = set {
+                for p in [self.proxy_port, self.inbound_port] {
+                    if list.iter().any(|r| r.first == p && r.last == p) {
+                        return Err(ConfigError::Conflict(format!(
+                            "--{option} lists {p}, one of the proxy's own ports; traffic to it \
+                             would loop"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(pairs: &[(&str, &str)]) -> RawOptions {
+        let mut t = toml::Table::new();
+        for (k, v) in pairs {
+            t.insert(k.to_string(), toml::Value::String(v.to_string()));
+        }
+        toml::from_str(&t.to_string()).unwrap()
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        raw(pairs).resolve().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = CaptureConfig::default();
+        assert_eq!((c.proxy_port, c.inbound_port), (15001, 15006));
+        assert_eq!(
+            c.proxy_uid,
+            vec![IdRange {
+                first: 1337,
+                last: 1337
+            }]
+        );
+        assert_eq!(c.outbound_cidrs, Set::All);
+        assert_eq!(c.inbound_ports, Set::All);
+        assert!(c.exclude_outbound_cidrs.is_empty());
+        assert_eq!((c.ipv6, c.backend), (Ipv6::Auto, BackendChoice::Auto));
+    }
+
+    #[test]
+    fn bad_values_name_option_and_value() {
+        for (pairs, needles) in [
+            (vec![("proxy_port", "0")], vec!["--proxy-port", "'0'"]),
+            (vec![("proxy_port", "70000")], vec!["--proxy-port", "70000"]),
+            (
+                vec![("inbound_port", "http")],
+                vec!["--inbound-port", "http"],
+            ),
+            (
+                vec![("exclude_outbound_cidrs", "10.0.0.0/33")],
+                vec!["--exclude-outbound-cidrs", "10.0.0.0/33"],
+            ),
+            (vec![("proxy_uid", "abc")], vec!["--proxy-uid", "abc"]),
+            (vec![("proxy_uid", "-1")], vec!["--proxy-uid", "-1"]),
+            (
+                vec![("backend", "ebpf")],
+                vec!["--backend", "ebpf", "legacy, nft, auto"],
+            ),
+            (vec![("mode", "magic")], vec!["--mode", "magic"]),
+            (
+                vec![("inbound_ports", "80,9000-8000")],
+                vec!["9000-8000", "reversed"],
+            ),
+            (
+                vec![("exclude_interfaces", "a-very-long-interface0")],
+                vec!["interface"],
+            ),
+            (
+                vec![("inbound_port", "15001")],
+                vec!["15001", "--proxy-port"],
+            ),
+            (
+                vec![("inbound_ports", "80,15006")],
+                vec!["15006", "--inbound-ports"],
+            ),
+        ] {
+            let msg = err(&pairs);
+            for n in needles {
+                assert!(msg.contains(n), "{msg:?} should mention {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn lists_ranges_and_wildcards() {
+        let c = raw(&[
+            ("inbound_ports", "8080, 80,8000-8100,80"),
+            (
+                "exclude_outbound_cidrs",
+                "10.1.2.3/8,192.168.0.1,fd00::1/64",
+            ),
+            ("outbound_cidrs", ""),
+            ("proxy_uid", "1337,2000-2010"),
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.inbound_ports,
+            Set::List(vec![
+                PortRange {
+                    first: 80,
+                    last: 80
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                },
+                PortRange {
+                    first: 8080,
+                    last: 8080
+                },
+            ])
+        );
+        let nets: Vec<String> = match &c.exclude_outbound_cidrs {
+            Set::List(v) => v.iter().map(|n| n.to_string()).collect(),
+            Set::All => panic!("expected a list"),
+        };
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.0.1/32", "fd00::/64"]);
+        assert!(c.outbound_cidrs.is_empty());
+        assert_eq!(
+            c.proxy_uid[1],
+            IdRange {
+                first: 2000,
+                last: 2010
+            }
+        );
+    }
+
+    #[test]
+    fn toml_accepts_numbers_and_arrays_and_rejects_unknown_keys() {
+        let r: RawOptions =
+            toml::from_str("proxy_port = 16001\ninbound_ports = [80, \"443\"]\nipv6 = false")
+                .unwrap();
+        assert_eq!(r.proxy_port.as_deref(), Some("16001"));
+        assert_eq!(r.inbound_ports.as_deref(), Some("80,443"));
+        assert_eq!(r.resolve().unwrap().ipv6, Ipv6::Off);
+        let e = toml::from_str::<RawOptions>("proxy_prot = 1").unwrap_err();
+        assert!(e.to_string().contains("proxy_prot"), "{e}");
+    }
+
+    #[test]
+    fn layering_prefers_the_higher_layer() {
+        let flags = raw(&[("proxy_port", "1")]);
+        let file = raw(&[("proxy_port", "2"), ("inbound_port", "3")]);
+        let merged = flags.layer(file);
+        assert_eq!(merged.proxy_port.as_deref(), Some("1"));
+        assert_eq!(merged.inbound_port.as_deref(), Some("3"));
+    }
+}

@@ -1,0 +1,50 @@
+//! shunt: the traffic-interception layer of a service-mesh sidecar.
+//!
+//! `config` -> `plan` (pure) -> `render` / `netfilter` (apply, clean, check) over `netns`.
+//! See README.md for the commands and ARCHITECTURE notes in each module.
+
+pub mod capture;
+pub mod config;
+pub mod logging;
+pub mod netfilter;
+pub mod netns;
+pub mod plan;
+pub mod proxy;
+pub mod render;
+pub mod rules;
+pub mod socket;
+
+/// Exit codes, stable and documented in README.md.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// A runtime failure; nothing was applied (or everything was rolled back).
+    pub const FAILURE: i32 = 1;
+    /// Bad usage or configuration; refused before anything changed.
+    pub const USAGE: i32 = 2;
+    /// `check`: the installed rules differ from the plan.
+    pub const DRIFT: i32 = 3;
+    /// `validate`: capture does not work in the namespace.
+    pub const VALIDATION_FAILED: i32 = 4;
+}
+
+/// Every failure the commands report, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Netfilter(#[from] netfilter::NetfilterError),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The `shunt` command line: clap surface and exit codes only; the work is in the library.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use shunt::config::{self, CaptureConfig, RawOptions};
+use shunt::{capture, exit, logging, plan, proxy, render, Error};
+
+#[derive(Parser)]
+#[command(
+    name = "shunt",
+    version,
+    about = "Capture a pod's TCP traffic with netfilter and hand it to a sidecar proxy",
+    after_help = "Examples:\n  shunt render                      # the default rules, as iptables-restore input\n  shunt apply --netns /run/netns/pod --exclude-outbound-cidrs 10.96.0.1/32\n  shunt check --netns /run/netns/pod || echo drifted\n  shunt clean --netns /run/netns/pod\n\nExit codes: 0 ok, 1 runtime failure (nothing applied), 2 usage or config error, 3 drift (check)."
+)]
+struct Cli {
+    /// More logging (-v debug, -vv trace); RUST_LOG filters take precedence
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less logging (-q warnings only, -qq errors only)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    quiet: u8,
+    /// Log format on stderr
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        global = true,
+        env = "SHUNT_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Capture {
+    /// TOML file with capture options (keys are the flag names with '_' for '-')
+    #[arg(long, env = "SHUNT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: RawOptions,
+}
+
+impl Capture {
+    /// flag > env (both from clap) > file > built-in default, then validation.
+    fn resolve(&self) -> Result<CaptureConfig, config::ConfigError> {
+        let file = match &self.config {
+            Some(path) => config::read_file(path)?,
+            None => RawOptions::default(),
+        };
+        self.options.clone().layer(file).resolve()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct Output {
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+    /// Shorthand for --format json
+    #[arg(long)]
+    json: bool,
+}
+
+impl Output {
+    fn json(&self) -> bool {
+        self.json || self.format == Format::Json
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the rules for these options as iptables-restore input (IPv4 then IPv6); no root needed
+    #[command(
+        after_help = "Examples:\n  shunt render\n  shunt render --inbound-ports 80,443 --exclude-outbound-ports 22 --ipv6 off\n  shunt render --config capture.toml --json"
+    )]
+    Render {
+        #[command(flatten)]
+        capture: Capture,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Install the rules in a namespace, atomically per family and idempotently
+    #[command(
+        after_help = "Examples:\n  shunt apply                                  # the current namespace (an initContainer)\n  shunt apply --netns /run/netns/pod --dry-run # what would change\n  SHUNT_EXCLUDE_OUTBOUND_PORTS=22 shunt apply --backend legacy"
+    )]
+    Apply {
+        #[command(flatten)]
+        capture: Capture,
+        /// Print what would change and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove every SHUNT_* chain and the jumps into them (both families, every table)
+    #[command(after_help = "Examples:\n  shunt clean\n  shunt clean --netns /proc/4242/ns/net")]
+    Clean {
+        #[command(flatten)]
+        capture: Capture,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Compare the installed rules with the plan for these options; exit 3 on drift
+    #[command(
+        after_help = "Examples:\n  shunt check --netns /run/netns/pod\n  shunt check --inbound-ports 80 --json"
+    )]
+    Check {
+        #[command(flatten)]
+        capture: Capture,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Run the redirect-aware proxy
+    Proxy(proxy::ProxyArgs),
+    /// Print shell completions
+    #[command(after_help = "Examples:\n  shunt completions bash > /etc/bash_completion.d/shunt")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn print(text: &str) {
+    // A closed pipe (`shunt render | head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => print(&(s + "\n")),
+        Err(e) => tracing::error!("cannot encode JSON: {e}"),
+    }
+}
+
+fn run(cli: Cli) -> Result<i32, Error> {
+    match cli.command {
+        Command::Render { capture, output } => {
+            let cfg = capture.resolve()?;
+            // Without a namespace to look at, `auto` renders both families.
+            let plan = plan::build(&cfg, cfg.ipv6 != config::Ipv6::Off);
+            if output.json() {
+                print_json(&serde_json::json!({ "config": cfg, "plan": plan }));
+            } else {
+                print(&render::plan_text(&plan));
+            }
+            Ok(exit::OK)
+        }
+        Command::Apply {
+            capture,
+            dry_run,
+            output,
+        } => {
+            let cfg = capture.resolve()?;
+            let report = capture::apply(&cfg, dry_run)?;
+            for (family, script) in &report.changes {
+                let verb = if dry_run { "would apply" } else { "applied" };
+                tracing::info!(
+                    family = family.name(),
+                    backend = report.backend.name(),
+                    "{verb}:\n{}",
+                    script.trim_end()
+                );
+            }
+            if report.changes.is_empty() {
+                tracing::info!(
+                    backend = report.backend.name(),
+                    "rules already match the plan; nothing changed"
+                );
+            }
+            if output.json() {
+                print_json(&report);
+            } else if dry_run {
+                for (family, script) in &report.changes {
+                    print(&format!("# {} changes\n{script}", family.name()));
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Clean { capture, output } => {
+            let cfg = capture.resolve()?;
+            let report = capture::clean(&cfg)?;
+            for (backend, family, script) in &report.removed {
+                tracing::info!(
+                    family = family.name(),
+                    backend = backend.name(),
+                    "removed:\n{}",
+                    script.trim_end()
+                );
+            }
+            if report.removed.is_empty() {
+                tracing::info!("no shunt rules found; nothing to remove");
+            }
+            if output.json() {
+                print_json(&report);
+            }
+            Ok(exit::OK)
+        }
+        Command::Check { capture, output } => {
+            let cfg = capture.resolve()?;
+            let report = capture::check(&cfg)?;
+            if output.json() {
+                print_json(&serde_json::json!({
+                    "in_sync": report.in_sync(),
+                    "backend": report.backend,
+                    "ipv6": report.ipv6,
+                    "drift": report.drift,
+                }));
+            } else if report.in_sync() {
+                print("in sync: the installed rules match the plan\n");
+            } else {
+                print(&capture::drift_text(&report));
+            }
+            Ok(if report.in_sync() {
+                exit::OK
+            } else {
+                exit::DRIFT
+            })
+        }
+        Command::Proxy(args) => proxy::run(args).map(|()| exit::OK).map_err(Error::from),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "shunt", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose as i8 - cli.quiet as i8, cli.log_format);
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            e.exit_code()
+        }
+    };
+    ExitCode::from(code as u8)
+}

@@ -1,0 +1,375 @@
+//! The system edge for rules: pick the iptables backend, read what is installed
+//! (`iptables-save`), and converge it to a plan with one `iptables-restore --noflush` per
+//! family, rolling IPv4 back when IPv6 fails.
+//!
+//! The converging script is computed purely from two [`ShuntView`]s, so "apply", "clean"
+//! (converge to nothing) and "roll back" (converge to what was there) are one function.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use serde::Serialize;
+
+use crate::netns::{self, Netns};
+use crate::plan::{Family, Ruleset, TableName};
+use crate::render::{join_args, rule_args};
+use crate::rules::{self, ShuntView};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Legacy => "legacy",
+            Backend::Nft => "nft",
+        }
+    }
+
+    /// `iptables-nft-restore`, `ip6tables-legacy-save`, ...
+    pub fn tool(self, family: Family, verb: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        format!("{base}-{}-{verb}", self.name())
+    }
+
+    /// Whether this backend's tools for `family` are installed.
+    pub fn available(self, family: Family) -> bool {
+        find_on_path(&self.tool(family, "restore")).is_some()
+            && find_on_path(&self.tool(family, "save")).is_some()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetfilterError {
+    #[error(
+        "{tool} not found on PATH: install iptables (Debian: apt-get install iptables) or pick \
+         another --backend"
+    )]
+    MissingTool { tool: String },
+    #[error("{tool} could not be started: {source}")]
+    Spawn {
+        tool: String,
+        source: std::io::Error,
+    },
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse the output of {tool}: {source}")]
+    Parse {
+        tool: String,
+        source: rules::ParseError,
+    },
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(
+        "IPv6 rules could not be applied ({cause}), and rolling back the IPv4 rules failed too \
+         ({rollback}); run `shunt clean` and apply again"
+    )]
+    RollbackFailed { cause: String, rollback: String },
+}
+
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs an iptables tool in the namespace, feeding `input`; returns stdout.
+fn run_tool(
+    tool: &str,
+    args: &[&str],
+    input: Option<&str>,
+    ns: Option<&Netns>,
+) -> Result<String, NetfilterError> {
+    let path = find_on_path(tool).ok_or_else(|| NetfilterError::MissingTool {
+        tool: tool.to_string(),
+    })?;
+    let mut cmd = netns::command(&path.to_string_lossy(), ns);
+    cmd.args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| NetfilterError::Spawn {
+        tool: tool.to_string(),
+        source,
+    })?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error (the tool died early) shows up as its exit status below.
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| NetfilterError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(NetfilterError::ToolFailed {
+            tool: tool.to_string(),
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What one backend holds for one family in a namespace.
+pub fn save(
+    backend: Backend,
+    family: Family,
+    ns: Option<&Netns>,
+) -> Result<rules::Saved, NetfilterError> {
+    let tool = backend.tool(family, "save");
+    let text = run_tool(&tool, &[], None, ns)?;
+    rules::parse(&text).map_err(|source| NetfilterError::Parse { tool, source })
+}
+
+/// shunt's part of every table, from a save.
+pub fn views(saved: &rules::Saved) -> Vec<(TableName, ShuntView)> {
+    TableName::ALL
+        .into_iter()
+        .map(|t| {
+            let v = saved
+                .table(t.as_str())
+                .map(ShuntView::of)
+                .unwrap_or_default();
+            (t, v)
+        })
+        .collect()
+}
+
+/// The plan's part of every table, in the same shape as [`views`] of an installed ruleset.
+pub fn planned_views(rs: Option<&Ruleset>) -> Vec<(TableName, ShuntView)> {
+    TableName::ALL
+        .into_iter()
+        .map(|t| {
+            let mut v = ShuntView::default();
+            for table in rs.iter().flat_map(|rs| &rs.tables).filter(|x| x.name == t) {
+                for c in &table.chains {
+                    let rules = c.rules.iter().map(rule_args).collect();
+                    if c.builtin {
+                        v.jumps.insert(c.name.clone(), rules);
+                    } else {
+                        v.chains.insert(c.name.clone(), rules);
+                    }
+                }
+            }
+            (t, v)
+        })
+        .collect()
+}
+
+fn view_for<'a>(views: &'a [(TableName, ShuntView)], t: TableName) -> &'a ShuntView {
+    static EMPTY: std::sync::OnceLock<ShuntView> = std::sync::OnceLock::new();
+    views
+        .iter()
+        .find(|(n, _)| *n == t)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| EMPTY.get_or_init(ShuntView::default))
+}
+
+/// The `iptables-restore --noflush` input that turns `from` into `to` for one table, touching
+/// only shunt's chains and the jumps into them; `None` when they are already equal.
+pub fn converge_table(table: TableName, from: &ShuntView, to: &ShuntView) -> Option<String> {
+    if from == to {
+        return None;
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "*{}", table.as_str());
+    // Chains to (re)write: new or changed ones, and obsolete ones (declared to flush them).
+    let changed: Vec<&String> = to
+        .chains
+        .iter()
+        .filter(|(name, rules)| from.chains.get(*name) != Some(rules))
+        .map(|(name, _)| name)
+        .collect();
+    let obsolete: Vec<&String> = from
+        .chains
+        .keys()
+        .filter(|name| !to.chains.contains_key(*name))
+        .collect();
+    // Declaring an existing chain under --noflush flushes it.
+    for name in changed.iter().chain(&obsolete) {
+        let _ = writeln!(s, ":{name} - [0:0]");
+    }
+    // Jumps from built-in chains: rewritten as a block when they differ in any way, so a
+    // jump can never be duplicated and their order is the plan's.
+    let builtins: BTreeSet<&String> = from.jumps.keys().chain(to.jumps.keys()).collect();
+    let mut add_jumps = Vec::new();
+    for chain in builtins {
+        let (old, new) = (from.jumps.get(chain), to.jumps.get(chain));
+        if old == new {
+            continue;
+        }
+        for args in old.into_iter().flatten() {
+            let _ = writeln!(s, "-D {chain} {}", join_args(args));
+        }
+        for args in new.into_iter().flatten() {
+            add_jumps.push(format!("-A {chain} {}", join_args(args)));
+        }
+    }
+    for name in &obsolete {
+        let _ = writeln!(s, "-X {name}");
+    }
+    for name in &changed {
+        for args in &to.chains[*name] {
+            let _ = writeln!(s, "-A {name} {}", join_args(args));
+        }
+    }
+    for line in add_jumps {
+        s.push_str(&line);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// The whole family's converging script (all tables), or `None` when nothing differs.
+pub fn converge(from: &[(TableName, ShuntView)], to: &[(TableName, ShuntView)]) -> Option<String> {
+    let parts: Vec<String> = TableName::ALL
+        .into_iter()
+        .filter_map(|t| converge_table(t, view_for(from, t), view_for(to, t)))
+        .collect();
+    (!parts.is_empty()).then(|| parts.concat())
+}
+
+/// Feeds a script to `iptables-restore --noflush` in the namespace: all or nothing per table.
+pub fn restore(
+    backend: Backend,
+    family: Family,
+    script: &str,
+    ns: Option<&Netns>,
+) -> Result<(), NetfilterError> {
+    // -w: legacy iptables shares one lock across namespaces; wait for it instead of failing.
+    run_tool(
+        &backend.tool(family, "restore"),
+        &["--noflush", "-w", "10"],
+        Some(script),
+        ns,
+    )
+    .map(drop)
+}
+
+/// Per-family state read before a change: what to converge from, and what to roll back to.
+#[derive(Debug, Clone)]
+pub struct FamilyState {
+    pub family: Family,
+    pub views: Vec<(TableName, ShuntView)>,
+}
+
+/// The result of [`apply_families`]: the scripts that ran, per family.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub scripts: Vec<(Family, String)>,
+}
+
+/// Converges each family from `current` to `desired`, in order. If a later family fails,
+/// the earlier ones are converged back to what they were, so the namespace is left as found.
+pub fn apply_families(
+    backend: Backend,
+    ns: Option<&Netns>,
+    current: &[FamilyState],
+    desired: &[(Family, Vec<(TableName, ShuntView)>)],
+) -> Result<Applied, NetfilterError> {
+    let mut applied = Applied::default();
+    let mut done: Vec<(&FamilyState, &Vec<(TableName, ShuntView)>)> = Vec::new();
+    for (family, want) in desired {
+        let Some(state) = current.iter().find(|s| s.family == *family) else {
+            continue;
+        };
+        let Some(script) = converge(&state.views, want) else {
+            continue;
+        };
+        if let Err(e) = restore(backend, *family, &script, ns) {
+            for (prev, now) in done.iter().rev() {
+                if let Some(back) = converge(now, &prev.views) {
+                    tracing::warn!(family = prev.family.name(), "rolling back");
+                    if let Err(rb) = restore(backend, prev.family, &back, ns) {
+                        return Err(NetfilterError::RollbackFailed {
+                            cause: e.to_string(),
+                            rollback: rb.to_string(),
+                        });
+                    }
+                }
+            }
+            return Err(e);
+        }
+        applied.scripts.push((*family, script));
+        done.push((state, want));
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CaptureConfig;
+    use crate::plan;
+
+    fn planned(ipv6: bool) -> Vec<(TableName, ShuntView)> {
+        planned_views(Some(&plan::build(&CaptureConfig::default(), ipv6).v4))
+    }
+
+    #[test]
+    fn converging_equal_views_is_a_no_op() {
+        assert!(converge(&planned(true), &planned(true)).is_none());
+        assert!(converge(&planned_views(None), &planned_views(None)).is_none());
+    }
+
+    #[test]
+    fn fresh_install_declares_chains_then_rules_then_jumps() {
+        let s = converge(&planned_views(None), &planned(true)).unwrap();
+        let decl = s.find(":SHUNT_OUTPUT").unwrap();
+        let rule = s.find("-A SHUNT_OUTPUT").unwrap();
+        let jump = s.find("-A OUTPUT -p tcp -j SHUNT_OUTPUT").unwrap();
+        assert!(decl < rule && rule < jump, "{s}");
+        assert!(!s.contains("-D ") && !s.contains("-X "), "{s}");
+    }
+
+    #[test]
+    fn clean_deletes_jumps_and_chains() {
+        let s = converge(&planned(true), &planned_views(None)).unwrap();
+        assert!(s.contains("-D OUTPUT -p tcp -j SHUNT_OUTPUT"), "{s}");
+        assert!(s.contains("-X SHUNT_REDIRECT"), "{s}");
+        assert!(!s.contains("-A "), "{s}");
+    }
+
+    #[test]
+    fn duplicated_jump_is_repaired() {
+        let mut installed = planned(true);
+        let nat = installed
+            .iter_mut()
+            .find(|(t, _)| *t == TableName::Nat)
+            .unwrap();
+        let dup = nat.1.jumps["OUTPUT"][0].clone();
+        nat.1.jumps.get_mut("OUTPUT").unwrap().push(dup);
+        let s = converge(&installed, &planned(true)).unwrap();
+        assert_eq!(s.matches("-D OUTPUT").count(), 2, "{s}");
+        assert_eq!(s.matches("-A OUTPUT").count(), 1, "{s}");
+        // Chains that did not change are left alone (their counters too).
+        assert!(!s.contains(":SHUNT_OUTPUT"), "{s}");
+    }
+}

@@ -1,0 +1,177 @@
+//! Plan -> the arguments and text that `iptables-restore` reads.
+//!
+//! Rules are spelled exactly as `iptables-save` prints them (match order, `-m tcp`, `/32`),
+//! so a rendered rule and a saved one compare equal token by token: `check` and the
+//! idempotence of `apply` rely on it.
+
+use std::fmt::Write as _;
+
+use crate::plan::{Match, Owner, Plan, Rule, Ruleset, Target};
+
+/// The rule's arguments after `-A CHAIN`, in iptables-save order.
+pub fn rule_args(rule: &Rule) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let push_neg = |out: &mut Vec<String>, negate: bool, flag: &str, value: String| {
+        if negate {
+            out.push("!".into());
+        }
+        out.push(flag.into());
+        out.push(value);
+    };
+    // iptables-save prints the IP header fields first, in this order, then the matches.
+    for m in &rule.matches {
+        if let Match::Source { net, negate } = m {
+            push_neg(&mut out, *negate, "-s", net.to_string());
+        }
+    }
+    for m in &rule.matches {
+        if let Match::Destination { net, negate } = m {
+            push_neg(&mut out, *negate, "-d", net.to_string());
+        }
+    }
+    for m in &rule.matches {
+        if let Match::InInterface { name, negate } = m {
+            push_neg(&mut out, *negate, "-i", name.clone());
+        }
+    }
+    for m in &rule.matches {
+        if let Match::OutInterface { name, negate } = m {
+            push_neg(&mut out, *negate, "-o", name.clone());
+        }
+    }
+    if rule.matches.iter().any(|m| matches!(m, Match::Tcp)) {
+        out.extend(["-p".into(), "tcp".into()]);
+    }
+    for m in &rule.matches {
+        match m {
+            Match::DestinationPorts { ports, negate } if ports.len() == 1 => {
+                out.extend(["-m".into(), "tcp".into()]);
+                push_neg(&mut out, *negate, "--dport", ports[0].to_string());
+            }
+            Match::DestinationPorts { ports, negate } => {
+                out.extend(["-m".into(), "multiport".into()]);
+                let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+                push_neg(&mut out, *negate, "--dports", list.join(","));
+            }
+            Match::Owner { kind, id, negate } => {
+                out.extend(["-m".into(), "owner".into()]);
+                let flag = match kind {
+                    Owner::Uid => "--uid-owner",
+                    Owner::Gid => "--gid-owner",
+                };
+                push_neg(&mut out, *negate, flag, id.to_string());
+            }
+            _ => {}
+        }
+    }
+    match &rule.target {
+        Target::Jump { chain } => out.extend(["-j".into(), chain.clone()]),
+        Target::Return => out.extend(["-j".into(), "RETURN".into()]),
+        Target::Redirect { to_port } => out.extend([
+            "-j".into(),
+            "REDIRECT".into(),
+            "--to-ports".into(),
+            to_port.to_string(),
+        ]),
+    }
+    out
+}
+
+/// Joins arguments for a restore file, quoting the ones that need it.
+pub fn join_args(args: &[String]) -> String {
+    let mut s = String::new();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            s.push(' ');
+        }
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"') {
+            let _ = write!(s, "\"{}\"", a.replace('"', "\\\""));
+        } else {
+            s.push_str(a);
+        }
+    }
+    s
+}
+
+/// One family as a complete `iptables-restore` input (what `render` prints). Applying uses
+/// [`crate::netfilter`]'s converging script instead, which never flushes foreign rules.
+pub fn restore_text(rs: &Ruleset) -> String {
+    let mut s = String::new();
+    for table in &rs.tables {
+        let _ = writeln!(s, "*{}", table.name.as_str());
+        for c in table.chains.iter().filter(|c| !c.builtin) {
+            let _ = writeln!(s, ":{} - [0:0]", c.name);
+        }
+        for c in &table.chains {
+            for r in &c.rules {
+                let _ = writeln!(s, "-A {} {}", c.name, join_args(&rule_args(r)));
+            }
+        }
+        s.push_str("COMMIT\n");
+    }
+    s
+}
+
+/// The whole plan as text: IPv4 then IPv6, each under a comment header.
+pub fn plan_text(plan: &Plan) -> String {
+    let mut s = String::new();
+    for rs in plan.families() {
+        let tool = match rs.family {
+            crate::plan::Family::V4 => "iptables-restore",
+            crate::plan::Family::V6 => "ip6tables-restore",
+        };
+        let _ = writeln!(
+            s,
+            "# {} rules (input for {tool} --noflush)",
+            rs.family.name()
+        );
+        s.push_str(&restore_text(rs));
+    }
+    if plan.v6.is_none() {
+        s.push_str("# IPv6: off\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CaptureConfig, RawOptions};
+    use crate::plan;
+
+    /// The default plan, IPv4 then IPv6, as a golden text: reviewing a change to the rules
+    /// means reviewing a diff of this.
+    #[test]
+    fn default_plan_golden() {
+        let text = plan_text(&plan::build(&CaptureConfig::default(), true));
+        let golden = include_str!("../tests/fixtures/default.rules");
+        assert_eq!(text, golden, "rendered:\n{text}");
+    }
+
+    #[test]
+    fn exclusions_golden() {
+        let cfg = RawOptions {
+            outbound_cidrs: Some("10.0.0.0/8,fd00::/8".into()),
+            exclude_outbound_cidrs: Some("10.96.0.1/32".into()),
+            outbound_ports: Some("3306".into()),
+            exclude_outbound_ports: Some("22,8000-8100".into()),
+            inbound_ports: Some("80,443".into()),
+            exclude_inbound_ports: Some("9090".into()),
+            exclude_interfaces: Some("eth9".into()),
+            proxy_uid: Some("1337,2000-2002".into()),
+            proxy_gid: Some("".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let text = plan_text(&plan::build(&cfg, true));
+        let golden = include_str!("../tests/fixtures/exclusions.rules");
+        assert_eq!(text, golden, "rendered:\n{text}");
+    }
+
+    #[test]
+    fn quoting() {
+        let args = vec!["--comment".to_string(), "a b".to_string(), "x".to_string()];
+        assert_eq!(join_args(&args), "--comment \"a b\" x");
+    }
+}

@@ -1,0 +1,31 @@
+//! Socket tricks in one place: the original destination of a redirected connection.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsFd;
+
+use nix::sys::socket::{getsockopt, sockopt};
+
+/// The address the client dialled before netfilter redirected it (`SO_ORIGINAL_DST`, or
+/// `IP6T_SO_ORIGINAL_DST` on an IPv6 socket). For a connection that was not redirected this
+/// is the socket's own local address.
+pub fn original_dst<S: AsFd>(sock: &S, local: SocketAddr) -> io::Result<SocketAddr> {
+    match local {
+        SocketAddr::V4(_) => {
+            let sa = getsockopt(sock, sockopt::OriginalDst)?;
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                u16::from_be(sa.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let sa = getsockopt(sock, sockopt::Ip6tOriginalDst)?;
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sa.sin6_addr.s6_addr),
+                u16::from_be(sa.sin6_port),
+                sa.sin6_flowinfo,
+                sa.sin6_scope_id,
+            )))
+        }
+    }
+}

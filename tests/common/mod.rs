@@ -1,0 +1,230 @@
+//! Test topology (SPEC §8): network namespaces made and removed by the test itself, a "pod"
+//! and a "remote" joined by a veth pair, with addresses from 10.200.0.0/16 and fd00:5::/64.
+//! Nothing here touches the host namespace's rules.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use shunt::netns::Netns;
+
+pub const POD_V4: &str = "10.200.0.2";
+pub const REMOTE_V4: &str = "10.200.0.1";
+/// A second address on the remote, in another /24, for CIDR include/exclude tests.
+pub const REMOTE2_V4: &str = "10.200.1.1";
+pub const POD_V6: &str = "fd00:5::2";
+pub const REMOTE_V6: &str = "fd00:5::1";
+pub const REMOTE2_V6: &str = "fd00:5:1::1";
+
+pub const SHUNT: &str = env!("CARGO_BIN_EXE_shunt");
+
+/// A reason to skip, or `None` when the machine can run namespace tests (root, ip, iptables).
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: namespace tests need CAP_NET_ADMIN and CAP_SYS_ADMIN".into());
+    }
+    for tool in ["ip", "iptables-nft-restore", "iptables-legacy-restore"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} is not installed (apt-get install iproute2 iptables)"));
+        }
+    }
+    None
+}
+
+/// Skips the calling test (with the reason printed) when namespaces cannot be used here.
+#[macro_export]
+macro_rules! require_netns {
+    () => {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    out
+}
+
+/// Runs a command and panics with its stderr when it fails.
+pub fn must(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that exists for the life of this value.
+pub struct Ns {
+    pub name: String,
+    pub handle: Netns,
+}
+
+impl Ns {
+    pub fn new(role: &str) -> Ns {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("shunt-{role}-{}-{n}", std::process::id());
+        must(&["ip", "netns", "add", &name]);
+        must(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        let handle = Netns::open(&PathBuf::from(format!("/run/netns/{name}"))).unwrap();
+        Ns { name, handle }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn must(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        must(&full)
+    }
+
+    /// A TCP listener created inside this namespace (a socket stays in the namespace it was
+    /// made in, whichever thread uses it later).
+    pub fn listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let l = self.handle.run(move || TcpListener::bind(addr)).unwrap();
+        l.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", self.name))
+    }
+
+    /// Connects from inside this namespace with the given fsuid/fsgid (what the owner match
+    /// sees), as an app or the proxy would.
+    pub fn connect_as(&self, uid: u32, gid: u32, addr: &str) -> std::io::Result<TcpStream> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.handle
+            .run(move || {
+                // setfsuid/setfsgid change only this thread's credentials.
+                nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+                TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            })
+            .unwrap()
+    }
+
+    /// Runs `shunt` with the given arguments inside nothing: `--netns` picks the namespace.
+    pub fn shunt(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(SHUNT);
+        cmd.args(args).args(["--netns", &self.path()]);
+        cmd.output().unwrap()
+    }
+
+    pub fn iptables_save(&self, backend: &str, v6: bool) -> String {
+        let tool = format!("ip{}tables-{backend}-save", if v6 { "6" } else { "" });
+        let text = self.must(&[&tool]);
+        // Drop the timestamped comment lines and counters so two saves compare equal.
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                if l.starts_with(':') {
+                    l.split(" [").next().unwrap_or(l).to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A pod and a remote joined by a veth pair; both families routed both ways.
+pub struct Topology {
+    pub pod: Ns,
+    pub remote: Ns,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let pod = Ns::new("pod");
+        let remote = Ns::new("remote");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let (a, b) = (format!("shp{}x{n}", std::process::id() % 100000), format!("shr{}x{n}", std::process::id() % 100000));
+        must(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+        must(&["ip", "link", "set", &a, "netns", &pod.name]);
+        must(&["ip", "link", "set", &b, "netns", &remote.name]);
+        for (ns, dev) in [(&pod, &a), (&remote, &b)] {
+            must(&["ip", "-n", &ns.name, "link", "set", dev, "name", "eth0"]);
+            must(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"]);
+        }
+        let p = &pod.name;
+        let r = &remote.name;
+        must(&["ip", "-n", p, "addr", "add", &format!("{POD_V4}/24"), "dev", "eth0"]);
+        must(&["ip", "-n", p, "-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "eth0", "nodad"]);
+        must(&["ip", "-n", p, "route", "add", "default", "via", REMOTE_V4]);
+        must(&["ip", "-n", p, "-6", "route", "add", "default", "via", REMOTE_V6]);
+        must(&["ip", "-n", r, "addr", "add", &format!("{REMOTE_V4}/24"), "dev", "eth0"]);
+        must(&["ip", "-n", r, "addr", "add", &format!("{REMOTE2_V4}/24"), "dev", "eth0"]);
+        must(&["ip", "-n", r, "-6", "addr", "add", &format!("{REMOTE_V6}/64"), "dev", "eth0", "nodad"]);
+        must(&["ip", "-n", r, "-6", "addr", "add", &format!("{REMOTE2_V6}/64"), "dev", "eth0", "nodad"]);
+        Topology { pod, remote }
+    }
+}
+
+/// `host:port` with brackets for IPv6.
+pub fn hp(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Accepts one connection within a bounded time, or `None`.
+pub fn accept_within(l: &TcpListener, timeout: Duration) -> Option<(TcpStream, SocketAddr)> {
+    l.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false).unwrap();
+                return Some((s, a));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// The original destination of an accepted, redirected connection.
+pub fn original_dst(s: &TcpStream) -> SocketAddr {
+    shunt::socket::original_dst(s, s.local_addr().unwrap()).unwrap()
+}
+
+pub fn fd_of(s: &TcpStream) -> i32 {
+    s.as_raw_fd()
+}
