@@ -3,6 +3,7 @@
 //! `config` -> `plan` (pure) -> `render` / `netfilter` (apply, clean, check) over `netns`.
 //! See README.md for the commands and ARCHITECTURE notes in each module.
 
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod logging;
