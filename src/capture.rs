@@ -365,12 +365,12 @@ fn diff(a: &[String], b: &[String]) -> Vec<String> {
         if i < n && j < m && a[i] == b[j] {
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push(format!("+ {}", b[j]));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
             out.push(format!("- {}", a[i]));
             i += 1;
+        } else {
+            out.push(format!("+ {}", b[j]));
+            j += 1;
         }
     }
     out
@@ -406,7 +406,7 @@ mod tests {
         assert!(diff(&v(&["a", "b"]), &v(&["a", "b"])).is_empty());
         assert_eq!(
             diff(&v(&["a", "x", "c"]), &v(&["a", "b", "c"])),
-            v(&["+ b", "- x"])
+            v(&["- x", "+ b"])
         );
         assert_eq!(diff(&v(&[]), &v(&["a"])), v(&["+ a"]));
     }

@@ -166,9 +166,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
             for (family, script) in &report.changes {
                 let verb = if dry_run { "would apply" } else { "applied" };
                 tracing::info!(
-                    family = family.name(),
-                    backend = report.backend.name(),
-                    "{verb}:\n{}",
+                    "{verb} {} rules ({} backend):\n{}",
+                    family.name(),
+                    report.backend.name(),
                     script.trim_end()
                 );
             }

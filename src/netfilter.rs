@@ -182,7 +182,7 @@ pub fn planned_views(rs: Option<&Ruleset>) -> Vec<(TableName, ShuntView)> {
         .collect()
 }
 
-fn view_for<'a>(views: &'a [(TableName, ShuntView)], t: TableName) -> &'a ShuntView {
+fn view_for(views: &[(TableName, ShuntView)], t: TableName) -> &ShuntView {
     static EMPTY: std::sync::OnceLock<ShuntView> = std::sync::OnceLock::new();
     views
         .iter()

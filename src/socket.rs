@@ -10,15 +10,20 @@ use nix::sys::socket::{getsockopt, sockopt};
 /// `IP6T_SO_ORIGINAL_DST` on an IPv6 socket). For a connection that was not redirected this
 /// is the socket's own local address.
 pub fn original_dst<S: AsFd>(sock: &S, local: SocketAddr) -> io::Result<SocketAddr> {
-    match local {
-        SocketAddr::V4(_) => {
+    // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; their NAT state is IPv4.
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    match v4 {
+        true => {
             let sa = getsockopt(sock, sockopt::OriginalDst)?;
             Ok(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
                 u16::from_be(sa.sin_port),
             )))
         }
-        SocketAddr::V6(_) => {
+        false => {
             let sa = getsockopt(sock, sockopt::Ip6tOriginalDst)?;
             Ok(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sa.sin6_addr.s6_addr),

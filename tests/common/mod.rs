@@ -32,7 +32,9 @@ pub fn skip_reason() -> Option<String> {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            return Some(format!("{tool} is not installed (apt-get install iproute2 iptables)"));
+            return Some(format!(
+                "{tool} is not installed (apt-get install iproute2 iptables)"
+            ));
         }
     }
     None
@@ -115,13 +117,39 @@ impl Ns {
     /// Connects from inside this namespace with the given fsuid/fsgid (what the owner match
     /// sees), as an app or the proxy would.
     pub fn connect_as(&self, uid: u32, gid: u32, addr: &str) -> std::io::Result<TcpStream> {
+        self.connect_from(uid, gid, None, addr)
+    }
+
+    /// Like [`Ns::connect_as`], binding the source address first when `src` is given.
+    pub fn connect_from(
+        &self,
+        uid: u32,
+        gid: u32,
+        src: Option<&str>,
+        addr: &str,
+    ) -> std::io::Result<TcpStream> {
+        use nix::sys::socket::{self as s, AddressFamily, SockFlag, SockType, SockaddrStorage};
         let addr: SocketAddr = addr.parse().unwrap();
+        let src: Option<SocketAddr> = src.map(|a| SocketAddr::new(a.parse().unwrap(), 0));
         self.handle
             .run(move || {
                 // setfsuid/setfsgid change only this thread's credentials.
                 nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
                 nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
-                TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                let family = if addr.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let fd = s::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+                // Linux bounds a blocking connect by the send timeout.
+                let tv = nix::sys::time::TimeVal::new(3, 0);
+                s::setsockopt(&fd, s::sockopt::SendTimeout, &tv)?;
+                if let Some(src) = src {
+                    s::bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
+                }
+                s::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+                Ok(TcpStream::from(fd))
             })
             .unwrap()
     }
@@ -168,7 +196,10 @@ impl Topology {
         let pod = Ns::new("pod");
         let remote = Ns::new("remote");
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let (a, b) = (format!("shp{}x{n}", std::process::id() % 100000), format!("shr{}x{n}", std::process::id() % 100000));
+        let (a, b) = (
+            format!("shp{}x{n}", std::process::id() % 100000),
+            format!("shr{}x{n}", std::process::id() % 100000),
+        );
         must(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
         must(&["ip", "link", "set", &a, "netns", &pod.name]);
         must(&["ip", "link", "set", &b, "netns", &remote.name]);
@@ -178,14 +209,76 @@ impl Topology {
         }
         let p = &pod.name;
         let r = &remote.name;
-        must(&["ip", "-n", p, "addr", "add", &format!("{POD_V4}/24"), "dev", "eth0"]);
-        must(&["ip", "-n", p, "-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "eth0", "nodad"]);
+        must(&[
+            "ip",
+            "-n",
+            p,
+            "addr",
+            "add",
+            &format!("{POD_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            p,
+            "-6",
+            "addr",
+            "add",
+            &format!("{POD_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         must(&["ip", "-n", p, "route", "add", "default", "via", REMOTE_V4]);
-        must(&["ip", "-n", p, "-6", "route", "add", "default", "via", REMOTE_V6]);
-        must(&["ip", "-n", r, "addr", "add", &format!("{REMOTE_V4}/24"), "dev", "eth0"]);
-        must(&["ip", "-n", r, "addr", "add", &format!("{REMOTE2_V4}/24"), "dev", "eth0"]);
-        must(&["ip", "-n", r, "-6", "addr", "add", &format!("{REMOTE_V6}/64"), "dev", "eth0", "nodad"]);
-        must(&["ip", "-n", r, "-6", "addr", "add", &format!("{REMOTE2_V6}/64"), "dev", "eth0", "nodad"]);
+        must(&[
+            "ip", "-n", p, "-6", "route", "add", "default", "via", REMOTE_V6,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{REMOTE_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{REMOTE2_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "-6",
+            "addr",
+            "add",
+            &format!("{REMOTE_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "-6",
+            "addr",
+            "add",
+            &format!("{REMOTE2_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         Topology { pod, remote }
     }
 }

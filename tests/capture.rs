@@ -1,0 +1,753 @@
+//! Capture rules proven with real traffic in namespaces the tests make (SPEC §3, §8).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Landed {
+    /// Accepted on the outbound capture port, with this original destination.
+    Outbound(SocketAddr),
+    /// Accepted on the inbound capture port, with this original destination.
+    Inbound(SocketAddr),
+    /// Accepted by the named listener, not captured.
+    Direct(&'static str),
+    Refused(String),
+    Nowhere,
+}
+
+fn sa(host: &str, port: u16) -> SocketAddr {
+    hp(host, port).parse().unwrap()
+}
+
+/// Listeners on both sides: capture ports and apps in the pod, servers on the remote.
+struct Probe {
+    listeners: Vec<(&'static str, TcpListener)>,
+}
+
+impl Probe {
+    fn new(t: &Topology) -> Probe {
+        let mut listeners = Vec::new();
+        for (name, ns, port) in [
+            ("outbound", &t.pod, 15001),
+            ("inbound", &t.pod, 15006),
+            ("pod:8080", &t.pod, 8080),
+            ("pod:9090", &t.pod, 9090),
+            ("remote:8080", &t.remote, 8080),
+            ("remote:2222", &t.remote, 2222),
+        ] {
+            // Dual-stack: IPv4 clients arrive as ::ffff:a.b.c.d.
+            let l = ns.listen(&format!("[::]:{port}"));
+            l.set_nonblocking(true).unwrap();
+            listeners.push((name, l));
+        }
+        Probe { listeners }
+    }
+
+    /// Connects and reports which listener got the connection (bounded: 3 s).
+    fn probe(&self, from: &Ns, uid: u32, gid: u32, src: Option<&str>, dst: &str) -> Landed {
+        let _client = match from.connect_from(uid, gid, src, dst) {
+            Ok(s) => s,
+            Err(e) => return Landed::Refused(e.to_string()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            for (name, l) in &self.listeners {
+                if let Ok((s, _)) = l.accept() {
+                    if !matches!(*name, "outbound" | "inbound") {
+                        return Landed::Direct(name);
+                    }
+                    let orig = original_dst(&s);
+                    let orig = match orig {
+                        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+                            None => orig,
+                        },
+                        v4 => v4,
+                    };
+                    return match *name {
+                        "outbound" => Landed::Outbound(orig),
+                        _ => Landed::Inbound(orig),
+                    };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Landed::Nowhere
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "shunt failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// What a probe is, who sends it (uid, gid, source address), where to, and where it must land.
+type Case<'a> = (&'a str, &'a Ns, u32, u32, Option<&'a str>, String, Landed);
+
+/// SPEC §3 items 1-6, for both families, with one backend.
+fn capture_semantics(backend: &str) {
+    let t = Topology::new();
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--backend",
+        backend,
+        "--ipv6",
+        "on",
+        "--exclude-outbound-cidrs",
+        "10.200.1.0/24,fd00:5:1::/64",
+        "--exclude-outbound-ports",
+        "2222",
+        "--exclude-inbound-ports",
+        "9090",
+    ]));
+    let save = t.pod.iptables_save(backend, false);
+    assert!(
+        save.contains("SHUNT_OUTPUT"),
+        "rules not in {backend}:\n{save}"
+    );
+    let p = Probe::new(&t);
+    let (pod, remote) = (&t.pod, &t.remote);
+    for (pod_ip, remote_ip, remote2_ip, loopback, inbound_src) in [
+        (POD_V4, REMOTE_V4, REMOTE2_V4, "127.0.0.1", "127.0.0.6"),
+        (POD_V6, REMOTE_V6, REMOTE2_V6, "::1", "::6"),
+    ] {
+        let cases: Vec<Case> = vec![
+            (
+                "app to remote is captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(remote_ip, 8080),
+                Landed::Outbound(sa(remote_ip, 8080)),
+            ),
+            (
+                "any port is captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(remote_ip, 443),
+                Landed::Outbound(sa(remote_ip, 443)),
+            ),
+            (
+                "proxy uid is not captured",
+                pod,
+                1337,
+                1000,
+                None,
+                hp(remote_ip, 8080),
+                Landed::Direct("remote:8080"),
+            ),
+            (
+                "proxy gid is not captured",
+                pod,
+                1000,
+                1337,
+                None,
+                hp(remote_ip, 8080),
+                Landed::Direct("remote:8080"),
+            ),
+            (
+                "loopback is not captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(loopback, 8080),
+                Landed::Direct("pod:8080"),
+            ),
+            (
+                "own pod address is not captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(pod_ip, 8080),
+                Landed::Direct("pod:8080"),
+            ),
+            (
+                "excluded CIDR is not captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(remote2_ip, 8080),
+                Landed::Direct("remote:8080"),
+            ),
+            (
+                "excluded port is not captured",
+                pod,
+                1000,
+                1000,
+                None,
+                hp(remote_ip, 2222),
+                Landed::Direct("remote:2222"),
+            ),
+            (
+                "proxy to own pod address takes the inbound path",
+                pod,
+                1337,
+                1337,
+                None,
+                hp(pod_ip, 8080),
+                Landed::Inbound(sa(pod_ip, 8080)),
+            ),
+            (
+                "proxy's inbound leg reaches the app",
+                pod,
+                1337,
+                1337,
+                Some(inbound_src),
+                hp(pod_ip, 8080),
+                Landed::Direct("pod:8080"),
+            ),
+            (
+                "inbound is captured",
+                remote,
+                0,
+                0,
+                None,
+                hp(pod_ip, 8080),
+                Landed::Inbound(sa(pod_ip, 8080)),
+            ),
+            (
+                "excluded inbound port reaches the app",
+                remote,
+                0,
+                0,
+                None,
+                hp(pod_ip, 9090),
+                Landed::Direct("pod:9090"),
+            ),
+        ];
+        for (what, from, uid, gid, src, dst, want) in cases {
+            let got = p.probe(from, uid, gid, src, &dst);
+            assert_eq!(got, want, "{backend}: {what} ({dst} as {uid}:{gid})");
+        }
+    }
+}
+
+#[test]
+fn capture_semantics_nft() {
+    require_netns!();
+    capture_semantics("nft");
+}
+
+#[test]
+fn capture_semantics_legacy() {
+    require_netns!();
+    capture_semantics("legacy");
+}
+
+#[test]
+fn include_lists_capture_only_what_they_name() {
+    require_netns!();
+    let t = Topology::new();
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--outbound-cidrs",
+        "10.200.1.0/24",
+        "--outbound-ports",
+        "2222",
+        "--inbound-ports",
+        "9090",
+        "--ipv6",
+        "off",
+    ]));
+    let p = Probe::new(&t);
+    let cases = [
+        (
+            &t.pod,
+            hp(REMOTE2_V4, 8080),
+            Landed::Outbound(sa(REMOTE2_V4, 8080)),
+        ),
+        (&t.pod, hp(REMOTE_V4, 8080), Landed::Direct("remote:8080")),
+        // --outbound-ports captures whatever the CIDR lists say.
+        (
+            &t.pod,
+            hp(REMOTE_V4, 2222),
+            Landed::Outbound(sa(REMOTE_V4, 2222)),
+        ),
+        (
+            &t.remote,
+            hp(POD_V4, 9090),
+            Landed::Inbound(sa(POD_V4, 9090)),
+        ),
+        (&t.remote, hp(POD_V4, 8080), Landed::Direct("pod:8080")),
+        // IPv6 is off: nothing is captured.
+        (&t.pod, hp(REMOTE_V6, 8080), Landed::Direct("remote:8080")),
+    ];
+    for (from, dst, want) in cases {
+        assert_eq!(p.probe(from, 1000, 1000, None, &dst), want, "{dst}");
+    }
+}
+
+fn saves(ns: &Ns, backend: &str) -> (String, String) {
+    (
+        ns.iptables_save(backend, false),
+        ns.iptables_save(backend, true),
+    )
+}
+
+#[test]
+fn apply_is_idempotent_and_converges() {
+    require_netns!();
+    let ns = Ns::new("idem");
+    ok(&ns.shunt(&["apply", "--backend", "nft"]));
+    let first = saves(&ns, "nft");
+    let again = ns.shunt(&["apply", "--backend", "nft"]);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("nothing changed"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(saves(&ns, "nft"), first, "a second apply changed the rules");
+
+    // Other options: converge to the new plan, with one jump per built-in chain.
+    ok(&ns.shunt(&[
+        "apply",
+        "--inbound-ports",
+        "80",
+        "--exclude-outbound-ports",
+        "22",
+    ]));
+    ok(&ns.shunt(&[
+        "check",
+        "--inbound-ports",
+        "80",
+        "--exclude-outbound-ports",
+        "22",
+    ]));
+    let (v4, v6) = saves(&ns, "nft");
+    for s in [&v4, &v6] {
+        assert_eq!(
+            s.matches("-A OUTPUT -p tcp -j SHUNT_OUTPUT").count(),
+            1,
+            "{s}"
+        );
+        assert_eq!(
+            s.matches("-A PREROUTING -p tcp -j SHUNT_INBOUND").count(),
+            1,
+            "{s}"
+        );
+        assert!(s.contains("--dport 80 -j SHUNT_IN_REDIRECT"), "{s}");
+        assert!(
+            !s.contains("-A SHUNT_INBOUND -p tcp -j SHUNT_IN_REDIRECT"),
+            "{s}"
+        );
+    }
+    // Back to the defaults: the same rules as the first time.
+    ok(&ns.shunt(&["apply"]));
+    assert_eq!(saves(&ns, "nft"), first);
+
+    // A duplicated jump (someone ran a non-idempotent script) is repaired, not kept.
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "SHUNT_OUTPUT",
+    ]);
+    assert_eq!(ns.shunt(&["check"]).status.code(), Some(3));
+    ok(&ns.shunt(&["apply"]));
+    assert_eq!(saves(&ns, "nft"), first);
+}
+
+#[test]
+fn check_reports_drift_with_a_diff() {
+    require_netns!();
+    let ns = Ns::new("check");
+    let empty = ns.shunt(&["check", "--ipv6", "off"]);
+    assert_eq!(empty.status.code(), Some(3), "{}", stderr(&empty));
+    ok(&ns.shunt(&["apply", "--ipv6", "off"]));
+    ok(&ns.shunt(&["check", "--ipv6", "off"]));
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-D",
+        "SHUNT_OUTPUT",
+        "-o",
+        "lo",
+        "-j",
+        "RETURN",
+    ]);
+    let drift = ns.shunt(&["check", "--ipv6", "off"]);
+    assert_eq!(drift.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&drift.stdout);
+    assert!(text.contains("+ -A SHUNT_OUTPUT -o lo -j RETURN"), "{text}");
+    let json = ns.shunt(&["check", "--ipv6", "off", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["in_sync"], false);
+}
+
+/// Rules another tool owns, in several tables and both families, through the `iptables`
+/// crate (run inside the namespace: its commands inherit the thread's namespace).
+fn add_foreign_rules(ns: &Ns, backend: &'static str) {
+    ns.handle
+        .run(move || {
+            for v6 in [false, true] {
+                let cmd: &'static str = match (backend, v6) {
+                    ("nft", false) => "iptables-nft",
+                    ("nft", true) => "ip6tables-nft",
+                    (_, false) => "iptables-legacy",
+                    (_, true) => "ip6tables-legacy",
+                };
+                let ipt = iptables::IPTables {
+                    cmd,
+                    has_check: true,
+                    has_wait: true,
+                    is_numeric: false,
+                };
+                ipt.append("filter", "INPUT", "-p tcp --dport 22 -j ACCEPT")
+                    .unwrap();
+                ipt.new_chain("nat", "FOREIGN_OUT").unwrap();
+                ipt.append("nat", "FOREIGN_OUT", "-p tcp --dport 5000 -j RETURN")
+                    .unwrap();
+                ipt.append("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap();
+                ipt.append("mangle", "PREROUTING", "-p udp -j MARK --set-mark 7")
+                    .unwrap();
+                ipt.append("raw", "OUTPUT", "-p udp --dport 53 -j CT --zone 3")
+                    .unwrap();
+                assert!(ipt.exists("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap());
+            }
+        })
+        .unwrap();
+}
+
+fn clean_leaves_foreign_rules(backend: &'static str) {
+    let ns = Ns::new("clean");
+    add_foreign_rules(&ns, backend);
+    let before = saves(&ns, backend);
+    ok(&ns.shunt(&["apply", "--backend", backend, "--ipv6", "on"]));
+    assert_ne!(saves(&ns, backend), before);
+    ok(&ns.shunt(&["clean", "--backend", backend]));
+    let after = saves(&ns, backend);
+    assert_eq!(after, before, "clean changed rules it does not own");
+    assert!(!after.0.contains("SHUNT") && !after.1.contains("SHUNT"));
+    // A second clean finds nothing and succeeds.
+    let again = ns.shunt(&["clean", "--backend", backend]);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("nothing to remove"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[test]
+fn clean_removes_only_shunt_rules_nft() {
+    require_netns!();
+    clean_leaves_foreign_rules("nft");
+}
+
+#[test]
+fn clean_removes_only_shunt_rules_legacy() {
+    require_netns!();
+    clean_leaves_foreign_rules("legacy");
+}
+
+/// A directory with a wrapper that makes the real ip6tables-nft-restore fail half way: it
+/// appends an invalid rule to the input, so the real tool parses part of it and then aborts.
+fn failing_v6_restore() -> tempdir::Dir {
+    let dir = tempdir::Dir::new("v6fail");
+    let script = "#!/bin/sh\nsed 's/^COMMIT$/-A SHUNT_OUTPUT -j NO_SUCH_TARGET_X\\nCOMMIT/' | \
+                  /usr/sbin/ip6tables-nft-restore \"$@\"\n";
+    dir.write_exec("ip6tables-nft-restore", script);
+    dir
+}
+
+mod tempdir {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    pub struct Dir(pub PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("shunt-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn write_exec(&self, name: &str, text: &str) {
+            let f = self.0.join(name);
+            std::fs::write(&f, text).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        pub fn path_with_system(&self) -> String {
+            format!(
+                "{}:{}",
+                self.0.display(),
+                std::env::var("PATH").unwrap_or_default()
+            )
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn ipv6_failure_rolls_back_ipv4() {
+    require_netns!();
+    let ns = Ns::new("rollback");
+    add_foreign_rules(&ns, "nft");
+    // An older plan is installed: the rollback must restore it, not just remove things.
+    ok(&ns.shunt(&[
+        "apply",
+        "--backend",
+        "nft",
+        "--ipv6",
+        "on",
+        "--inbound-ports",
+        "80",
+    ]));
+    let before = saves(&ns, "nft");
+    let stub = failing_v6_restore();
+    let out = Command::new(SHUNT)
+        .args([
+            "apply",
+            "--backend",
+            "nft",
+            "--ipv6",
+            "on",
+            "--netns",
+            &ns.path(),
+        ])
+        .args(["--exclude-outbound-ports", "22"])
+        .env("PATH", stub.path_with_system())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("ip6tables-nft-restore") && err.contains("rolling back"),
+        "{err}"
+    );
+    assert_eq!(
+        saves(&ns, "nft"),
+        before,
+        "a failed apply left changes behind"
+    );
+    // Without the fault the same command converges.
+    ok(&ns.shunt(&[
+        "apply",
+        "--backend",
+        "nft",
+        "--ipv6",
+        "on",
+        "--exclude-outbound-ports",
+        "22",
+    ]));
+    ok(&ns.shunt(&[
+        "check",
+        "--backend",
+        "nft",
+        "--ipv6",
+        "on",
+        "--exclude-outbound-ports",
+        "22",
+    ]));
+}
+
+#[test]
+fn bad_values_exit_2_and_apply_nothing() {
+    require_netns!();
+    let ns = Ns::new("bad");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--proxy-port", "0"], "'0'"),
+        (&["--proxy-port", "70000"], "70000"),
+        (&["--exclude-outbound-cidrs", "10.0.0.0/33"], "10.0.0.0/33"),
+        (&["--proxy-uid", "abc"], "abc"),
+        (&["--proxy-uid", "-1"], "-1"),
+        (&["--backend", "iptables-ebpf"], "iptables-ebpf"),
+        (&["--inbound-port", "15001"], "15001"),
+        (&["--mode", "sideways"], "sideways"),
+        (&["--ipv6", "maybe"], "maybe"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["apply"];
+        full.extend_from_slice(args);
+        let out = ns.shunt(&full);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(needle),
+            "{args:?}: message does not name the value: {err}"
+        );
+    }
+    // A bad value in a config file and a typo'd key are refused the same way.
+    let dir = tempdir::Dir::new("badcfg");
+    let cfg = dir.0.join("capture.toml");
+    std::fs::write(&cfg, "proxy_port = 99999\n").unwrap();
+    let out = ns.shunt(&["apply", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("99999"), "{}", stderr(&out));
+    std::fs::write(&cfg, "exclude_outbound_cidr = \"10.0.0.0/8\"\n").unwrap();
+    let out = ns.shunt(&["apply", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("exclude_outbound_cidr"),
+        "{}",
+        stderr(&out)
+    );
+    for backend in ["nft", "legacy"] {
+        let (v4, v6) = saves(&ns, backend);
+        assert!(
+            !v4.contains("SHUNT") && !v6.contains("SHUNT"),
+            "{backend}: {v4}{v6}"
+        );
+    }
+}
+
+#[test]
+fn runtime_faults_exit_1_with_the_cause() {
+    require_netns!();
+    // A namespace that does not exist (or vanished).
+    let out = Command::new(SHUNT)
+        .args(["apply", "--netns", "/run/netns/shunt-no-such-ns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("/run/netns/shunt-no-such-ns"),
+        "{}",
+        stderr(&out)
+    );
+
+    // iptables missing from PATH.
+    let ns = Ns::new("nobin");
+    let out = Command::new(SHUNT)
+        .args(["apply", "--backend", "legacy", "--netns", &ns.path()])
+        .env("PATH", "/shunt-empty-path")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("iptables-legacy-restore not found"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The IPv4 restore fails half way: nothing is applied.
+    let dir = tempdir::Dir::new("v4fail");
+    dir.write_exec(
+        "iptables-nft-restore",
+        "#!/bin/sh\nsed 's/^COMMIT$/-A SHUNT_OUTPUT -j NO_SUCH_TARGET_X\\nCOMMIT/' | \
+         /usr/sbin/iptables-nft-restore \"$@\"\n",
+    );
+    let out = Command::new(SHUNT)
+        .args(["apply", "--backend", "nft", "--netns", &ns.path()])
+        .env("PATH", dir.path_with_system())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let (v4, v6) = saves(&ns, "nft");
+    assert!(!v4.contains("SHUNT") && !v6.contains("SHUNT"), "{v4}{v6}");
+}
+
+#[test]
+fn auto_backend_follows_existing_rules() {
+    require_netns!();
+    let ns = Ns::new("auto");
+    // Only legacy holds rules: auto must pick it.
+    ns.must(&[
+        "iptables-legacy",
+        "-w",
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "22",
+        "-j",
+        "ACCEPT",
+    ]);
+    ok(&ns.shunt(&["apply", "--ipv6", "off"]));
+    assert!(ns.iptables_save("legacy", false).contains("SHUNT_OUTPUT"));
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+    // Both hold rules: a warning, and shunt stays with the backend holding its own rules.
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "23",
+        "-j",
+        "ACCEPT",
+    ]);
+    let out = ns.shunt(&["apply", "--ipv6", "off"]);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("both the nft and the legacy"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+    ok(&ns.shunt(&["check", "--ipv6", "off"]));
+    // A fresh namespace with no rules at all gets nft.
+    let fresh = Ns::new("auto2");
+    ok(&fresh.shunt(&["apply", "--ipv6", "off"]));
+    assert!(fresh.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+}
+
+#[test]
+fn dry_run_prints_and_changes_nothing() {
+    require_netns!();
+    let ns = Ns::new("dry");
+    let out = ns.shunt(&["apply", "--dry-run", "--ipv6", "on"]);
+    let text = ok(&out);
+    assert!(
+        text.contains("# IPv4 changes") && text.contains("# IPv6 changes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-A SHUNT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{text}"
+    );
+    for backend in ["nft", "legacy"] {
+        let (v4, v6) = saves(&ns, backend);
+        assert!(!v4.contains("SHUNT") && !v6.contains("SHUNT"));
+    }
+    // apply logs the rules it installed (what `kubectl logs` shows for the init container).
+    let out = ns.shunt(&["apply", "--ipv6", "on"]);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("-A SHUNT_OUTPUT -o lo -j RETURN"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(ns
+        .must(&["ip", "-6", "addr", "show", "dev", "lo"])
+        .contains("::6/128"));
+}
