@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod explain;
 pub mod logging;
 pub mod netfilter;
 pub mod netns;
@@ -39,6 +40,8 @@ pub enum Error {
     Netns(#[from] netns::NetnsError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
+    #[error(transparent)]
+    Explain(#[from] explain::ExplainError),
 }
 
 impl Error {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use shunt::config::{self, CaptureConfig, RawOptions};
-use shunt::{capture, exit, logging, plan, proxy, render, Error};
+use shunt::{capture, exit, explain, logging, plan, proxy, render, Error};
 
 #[derive(Parser)]
 #[command(
@@ -123,6 +123,12 @@ enum Command {
     },
     /// Run the redirect-aware proxy
     Proxy(proxy::ProxyArgs),
+    /// Walk a packet through the rules and say where it goes, and why
+    Explain(explain::ExplainArgs),
+    /// Check a namespace's capture set-up: one line per check, non-zero exit on failure
+    Doctor(explain::DoctorArgs),
+    /// Prove that a new outbound connection really reaches the capture port
+    Validate(explain::ValidateArgs),
     /// Print shell completions
     #[command(after_help = "Examples:\n  shunt completions bash > /etc/bash_completion.d/shunt")]
     Completions {
@@ -228,6 +234,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
             })
         }
         Command::Proxy(args) => proxy::run(args).map(|()| exit::OK).map_err(Error::from),
+        Command::Explain(args) => explain::run_explain(args),
+        Command::Doctor(args) => explain::run_doctor(args),
+        Command::Validate(args) => explain::run_validate(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shunt", &mut std::io::stdout());
             Ok(exit::OK)
