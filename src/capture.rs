@@ -47,13 +47,16 @@ fn choose_backend(
         }
         BackendChoice::Nft => backend_available(Backend::Nft).map(|()| (Backend::Nft, None)),
         BackendChoice::Auto => {
-            let mut seen = Vec::new();
-            for b in [Backend::Nft, Backend::Legacy] {
-                if b.available(Family::V4) {
-                    let saved = netfilter::save(b, Family::V4, ns)?;
-                    seen.push((b, saved));
-                }
-            }
+            let candidates: Vec<(Backend, Family)> = [Backend::Nft, Backend::Legacy]
+                .into_iter()
+                .filter(|b| b.available(Family::V4))
+                .map(|b| (b, Family::V4))
+                .collect();
+            let seen: Vec<(Backend, Saved)> = candidates
+                .iter()
+                .map(|(b, _)| *b)
+                .zip(netfilter::save_all(&candidates, ns)?)
+                .collect();
             if seen.is_empty() {
                 return Err(NetfilterError::MissingTool {
                     tool: "iptables-nft-restore or iptables-legacy-restore".into(),
@@ -134,15 +137,26 @@ impl Target {
         }
     }
 
-    /// Reads what is installed now, for each family in play.
+    /// Reads what is installed now, for each family in play (in parallel).
     fn read(&mut self, families: &[Family]) -> Result<Vec<FamilyState>, NetfilterError> {
+        let kept = self.v4.take();
+        let to_read: Vec<(Backend, Family)> = families
+            .iter()
+            .filter(|f| !(**f == Family::V4 && kept.is_some()))
+            .map(|f| (self.backend, *f))
+            .collect();
+        let mut fresh = netfilter::save_all(&to_read, self.ns())?.into_iter();
+        let mut kept = kept;
         families
             .iter()
             .map(|&family| {
-                let saved = match (family, self.v4.take()) {
-                    (Family::V4, Some(s)) => s,
-                    _ => netfilter::save(self.backend, family, self.ns())?,
+                let saved = match family {
+                    Family::V4 if kept.is_some() => kept.take(),
+                    _ => fresh.next(),
                 };
+                let saved = saved.ok_or_else(|| NetfilterError::MissingTool {
+                    tool: self.backend.tool(family, "save"),
+                })?;
                 Ok(FamilyState {
                     family,
                     views: netfilter::views(&saved),
@@ -179,7 +193,15 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
     let families = target.families();
-    let current = target.read(&families)?;
+    // The ::6 address goes on while the current rules are read.
+    let address = (target.ipv6 && !dry_run)
+        .then(|| add_inbound_source_v6(target.ns()))
+        .transpose()?;
+    let current = target.read(&families);
+    if let Some(running) = address {
+        running.wait()?;
+    }
+    let current = current?;
     let want = desired(&plan, &families);
     let mut report = ApplyReport {
         backend: target.backend,
@@ -195,9 +217,6 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
         }
         return Ok(report);
     }
-    if target.ipv6 {
-        add_inbound_source_v6(target.ns())?;
-    }
     let applied = netfilter::apply_families(target.backend, target.ns(), &current, &want)?;
     report.changes = applied.scripts;
     Ok(report)
@@ -205,31 +224,14 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
 
 /// The proxy reaches the app from ::6 (SPEC §3 item 5); the kernel only lets it bind an
 /// address that is configured, so put it on `lo`. `replace` makes this idempotent.
-fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<(), crate::Error> {
-    let out = netns::command("ip", ns)
-        .args([
-            "-6",
-            "addr",
-            "replace",
-            &format!("{INBOUND_SOURCE_V6}/128"),
-            "dev",
-            "lo",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| NetfilterError::Spawn {
-            tool: "ip (iproute2)".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NetfilterError::ToolFailed {
-            tool: "ip -6 addr replace ::6/128 dev lo".into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        }
-        .into());
-    }
-    Ok(())
+fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<netfilter::Running, NetfilterError> {
+    let addr = format!("{INBOUND_SOURCE_V6}/128");
+    netfilter::spawn_tool(
+        "ip",
+        &["-6", "addr", "replace", &addr, "dev", "lo"],
+        None,
+        ns,
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -261,14 +263,15 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
             .into_iter()
             .filter(|f| backend.available(*f) || cfg.backend != BackendChoice::Auto)
             .collect();
-        let mut current = Vec::new();
-        for family in families {
-            let saved = netfilter::save(backend, family, netns.as_ref())?;
-            current.push(FamilyState {
-                family,
-                views: netfilter::views(&saved),
-            });
-        }
+        let which: Vec<(Backend, Family)> = families.iter().map(|f| (backend, *f)).collect();
+        let current: Vec<FamilyState> = netfilter::save_all(&which, netns.as_ref())?
+            .iter()
+            .zip(&families)
+            .map(|(saved, family)| FamilyState {
+                family: *family,
+                views: netfilter::views(saved),
+            })
+            .collect();
         let empty: Vec<_> = current
             .iter()
             .map(|s| (s.family, netfilter::planned_views(None)))

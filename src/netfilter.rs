@@ -92,13 +92,20 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
         })
 }
 
-/// Runs an iptables tool in the namespace, feeding `input`; returns stdout.
-fn run_tool(
+/// A tool started in a namespace; [`Running::wait`] collects it. Starting several before
+/// waiting lets independent reads and writes (IPv4 and IPv6) run side by side.
+pub struct Running {
+    tool: String,
+    child: std::process::Child,
+}
+
+/// Starts a tool (looked up on PATH) in the namespace, feeding it `input`.
+pub fn spawn_tool(
     tool: &str,
     args: &[&str],
     input: Option<&str>,
     ns: Option<&Netns>,
-) -> Result<String, NetfilterError> {
+) -> Result<Running, NetfilterError> {
     let path = find_on_path(tool).ok_or_else(|| NetfilterError::MissingTool {
         tool: tool.to_string(),
     })?;
@@ -116,24 +123,41 @@ fn run_tool(
         source,
     })?;
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A write error (the tool died early) shows up as its exit status below.
+        // A write error (the tool died early) shows up as its exit status in `wait`.
         let _ = stdin.write_all(text.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| NetfilterError::Spawn {
-            tool: tool.to_string(),
-            source,
-        })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(NetfilterError::ToolFailed {
-            tool: tool.to_string(),
-            status: out.status.to_string(),
-            stderr,
-        });
+    Ok(Running {
+        tool: tool.to_string(),
+        child,
+    })
+}
+
+impl Running {
+    /// Waits for the tool; its stdout, or an error carrying its stderr.
+    pub fn wait(self) -> Result<String, NetfilterError> {
+        let tool = self.tool;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|source| NetfilterError::Spawn {
+                tool: tool.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(NetfilterError::ToolFailed {
+                tool,
+                status: out.status.to_string(),
+                stderr,
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits for every tool (so none is left behind), then returns the first error if any.
+fn wait_all(running: Vec<Running>) -> Vec<Result<String, NetfilterError>> {
+    running.into_iter().map(Running::wait).collect()
 }
 
 /// What one backend holds for one family in a namespace.
@@ -142,9 +166,29 @@ pub fn save(
     family: Family,
     ns: Option<&Netns>,
 ) -> Result<rules::Saved, NetfilterError> {
-    let tool = backend.tool(family, "save");
-    let text = run_tool(&tool, &[], None, ns)?;
-    rules::parse(&text).map_err(|source| NetfilterError::Parse { tool, source })
+    save_all(&[(backend, family)], ns).map(|mut v| v.remove(0))
+}
+
+/// Several saves at once (e.g. IPv4 and IPv6), in the order asked.
+pub fn save_all(
+    which: &[(Backend, Family)],
+    ns: Option<&Netns>,
+) -> Result<Vec<rules::Saved>, NetfilterError> {
+    let mut running = Vec::new();
+    for (backend, family) in which {
+        running.push(spawn_tool(&backend.tool(*family, "save"), &[], None, ns)?);
+    }
+    wait_all(running)
+        .into_iter()
+        .zip(which)
+        .map(|(out, (backend, family))| {
+            let text = out?;
+            rules::parse(&text).map_err(|source| NetfilterError::Parse {
+                tool: backend.tool(*family, "save"),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// shunt's part of every table, from a save.
@@ -256,21 +300,20 @@ pub fn converge(from: &[(TableName, ShuntView)], to: &[(TableName, ShuntView)]) 
     (!parts.is_empty()).then(|| parts.concat())
 }
 
-/// Feeds a script to `iptables-restore --noflush` in the namespace: all or nothing per table.
-pub fn restore(
+/// Starts `iptables-restore --noflush` on a script: all or nothing per table.
+fn spawn_restore(
     backend: Backend,
     family: Family,
     script: &str,
     ns: Option<&Netns>,
-) -> Result<(), NetfilterError> {
+) -> Result<Running, NetfilterError> {
     // -w: legacy iptables shares one lock across namespaces; wait for it instead of failing.
-    run_tool(
+    spawn_tool(
         &backend.tool(family, "restore"),
         &["--noflush", "-w", "10"],
         Some(script),
         ns,
     )
-    .map(drop)
 }
 
 /// Per-family state read before a change: what to converge from, and what to roll back to.
@@ -286,41 +329,79 @@ pub struct Applied {
     pub scripts: Vec<(Family, String)>,
 }
 
-/// Converges each family from `current` to `desired`, in order. If a later family fails,
-/// the earlier ones are converged back to what they were, so the namespace is left as found.
+/// Converges each family from `current` to `desired`. The families' restores run side by
+/// side; if any fails, the ones that succeeded are converged back to what they were, so the
+/// namespace is left as found (SPEC §3 item 8).
 pub fn apply_families(
     backend: Backend,
     ns: Option<&Netns>,
     current: &[FamilyState],
     desired: &[(Family, Vec<(TableName, ShuntView)>)],
 ) -> Result<Applied, NetfilterError> {
-    let mut applied = Applied::default();
-    let mut done: Vec<(&FamilyState, &Vec<(TableName, ShuntView)>)> = Vec::new();
+    let mut work = Vec::new();
     for (family, want) in desired {
         let Some(state) = current.iter().find(|s| s.family == *family) else {
             continue;
         };
-        let Some(script) = converge(&state.views, want) else {
-            continue;
-        };
-        if let Err(e) = restore(backend, *family, &script, ns) {
-            for (prev, now) in done.iter().rev() {
-                if let Some(back) = converge(now, &prev.views) {
-                    tracing::warn!(family = prev.family.name(), "rolling back");
-                    if let Err(rb) = restore(backend, prev.family, &back, ns) {
-                        return Err(NetfilterError::RollbackFailed {
-                            cause: e.to_string(),
-                            rollback: rb.to_string(),
-                        });
-                    }
-                }
-            }
-            return Err(e);
+        if let Some(script) = converge(&state.views, want) {
+            work.push((state, want, script));
         }
-        applied.scripts.push((*family, script));
-        done.push((state, want));
     }
-    Ok(applied)
+    let mut running = Vec::new();
+    let mut first_error = None;
+    for (state, _, script) in &work {
+        match spawn_restore(backend, state.family, script, ns) {
+            Ok(r) => running.push(Some(r)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+                running.push(None);
+            }
+        }
+    }
+    let mut done = Vec::new();
+    for ((state, want, script), run) in work.iter().zip(running) {
+        match run.map(Running::wait) {
+            Some(Ok(_)) => done.push((*state, *want, script.clone())),
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    let Some(cause) = first_error else {
+        return Ok(Applied {
+            scripts: done
+                .into_iter()
+                .map(|(s, _, script)| (s.family, script))
+                .collect(),
+        });
+    };
+    for (prev, now, _) in &done {
+        if let Some(back) = converge(now, &prev.views) {
+            tracing::warn!(
+                "{} failed: rolling back the {} rules",
+                cause_tool(&cause),
+                prev.family.name()
+            );
+            let result = spawn_restore(backend, prev.family, &back, ns).and_then(Running::wait);
+            if let Err(rb) = result {
+                return Err(NetfilterError::RollbackFailed {
+                    cause: cause.to_string(),
+                    rollback: rb.to_string(),
+                });
+            }
+        }
+    }
+    Err(cause)
+}
+
+fn cause_tool(e: &NetfilterError) -> &str {
+    match e {
+        NetfilterError::ToolFailed { tool, .. }
+        | NetfilterError::Spawn { tool, .. }
+        | NetfilterError::MissingTool { tool } => tool,
+        _ => "restore",
+    }
 }
 
 #[cfg(test)]

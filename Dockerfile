@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Build stage: a release binary from the locked dependency set.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked && cp target/release/shunt /shunt
+
+# Final stage: the binary plus iptables with both backends (iptables-nft and iptables-legacy
+# ship in Debian's iptables package) and iproute2 (apply puts ::6 on lo).
+FROM debian:bookworm-slim
+# Debian stable's security updates change patch versions; pinning them would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables iproute2 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /shunt /usr/local/bin/shunt
+# The init step needs root (with NET_ADMIN); the proxy drops to 1337 via securityContext or --user.
+ENTRYPOINT ["/usr/local/bin/shunt"]
+CMD ["--help"]

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Benchmark: `shunt apply` versus a bare iptables-restore + ip6tables-restore of the same rules,
+# each into a fresh network namespace (SPEC §9: at most 1.25x). Interleaved runs, medians.
+# Also: 1,000 excluded CIDRs, and the number of processes each apply starts (strace).
+# Usage: scripts/bench-apply.sh [RUNS]   (default 15; needs root; builds release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-15}
+[[ $(id -u) == 0 ]] || { echo "bench-apply: needs root (network namespaces)" >&2; exit 1; }
+need=()
+command -v iptables-nft-restore >/dev/null || need+=(iptables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v strace >/dev/null || need+=(strace)
+if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release --quiet
+SHUNT=$PWD/target/release/shunt
+work=$(mktemp -d)
+ns=shunt-bench-$$
+cleanup() { ip netns del "$ns" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+now() { date +%s%N; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# Splits `shunt render` output into the IPv4 and IPv6 restore inputs.
+split_rules() { # $1 = extra shunt flags
+  # shellcheck disable=SC2086
+  "$SHUNT" render --ipv6 on $1 > "$work/all"
+  awk '/^# IPv6 rules/{v6=1} !/^#/{print > (v6 ? "'"$work"'/v6" : "'"$work"'/v4")}' "$work/all"
+}
+
+fresh_ns() { ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; }
+
+bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
+  split_rules "$2"
+  local bare=() ours=()
+  for ((i = 0; i < RUNS; i++)); do
+    fresh_ns
+    t0=$(now)
+    ip netns exec "$ns" iptables-nft-restore --noflush -w 10 < "$work/v4"
+    ip netns exec "$ns" ip6tables-nft-restore --noflush -w 10 < "$work/v6"
+    bare+=($(( $(now) - t0 )))
+    fresh_ns
+    t0=$(now)
+    # shellcheck disable=SC2086
+    "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft}
+    ours+=($(( $(now) - t0 )))
+  done
+  local b o
+  b=$(printf '%s\n' "${bare[@]}" | median)
+  o=$(printf '%s\n' "${ours[@]}" | median)
+  fresh_ns
+  # shellcheck disable=SC2086
+  procs=$(strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft} && grep -c 'execve(.* = 0$' "$work/strace")
+  rules=$(grep -c '^-A' "$work/all")
+  printf '%-28s %6d rules  bare %7.2f ms  shunt %7.2f ms  ratio %.2fx  processes started by shunt: %d\n' \
+    "$1" "$rules" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)" "$((procs - 1))"
+}
+
+command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
+cidrs=$(for i in $(seq 0 999); do printf '10.%d.%d.0/24,' $((i / 256 + 100)) $((i % 256)); done)
+echo "shunt apply vs bare restore, nft backend, fresh namespace each run, median of $RUNS"
+bench "default plan (v4+v6)" ""
+bench "default plan, --backend auto" "" "--backend auto"
+bench "1,000 excluded CIDRs" "--exclude-outbound-cidrs ${cidrs%,}"
