@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod explain;
 pub mod logging;
@@ -38,6 +39,8 @@ pub enum Error {
     Netfilter(#[from] netfilter::NetfilterError),
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    CniInstall(#[from] cni::install::InstallError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
     #[error(transparent)]

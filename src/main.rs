@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use shunt::config::{self, CaptureConfig, RawOptions};
-use shunt::{capture, exit, explain, logging, plan, proxy, render, Error};
+use shunt::{capture, cni, exit, explain, logging, plan, proxy, render, Error};
 
 #[derive(Parser)]
 #[command(
@@ -129,11 +129,38 @@ enum Command {
     Doctor(explain::DoctorArgs),
     /// Prove that a new outbound connection really reaches the capture port
     Validate(explain::ValidateArgs),
+    /// Install or remove the CNI chained plugin on a node
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Print shell completions
     #[command(after_help = "Examples:\n  shunt completions bash > /etc/bash_completion.d/shunt")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy the binary to the CNI bin dir and append shunt to the primary conflist
+    #[command(
+        after_help = "Examples:\n  shunt cni install --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin\n  shunt cni install --options '{\"exclude_outbound_cidrs\": \"169.254.169.254/32\"}'"
+    )]
+    Install {
+        #[arg(long, default_value = "/etc/cni/net.d", env = "SHUNT_CNI_CONF_DIR")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin", env = "SHUNT_CNI_BIN_DIR")]
+        bin_dir: PathBuf,
+        /// Extra keys for shunt's conflist entry (capture options, skip_namespaces), as JSON
+        #[arg(long, default_value = "{}", env = "SHUNT_CNI_OPTIONS")]
+        options: String,
+    },
+    /// Remove shunt from the primary conflist and the binary from the CNI bin dir
+    Uninstall {
+        #[arg(long, default_value = "/etc/cni/net.d", env = "SHUNT_CNI_CONF_DIR")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin", env = "SHUNT_CNI_BIN_DIR")]
+        bin_dir: PathBuf,
     },
 }
 
@@ -237,6 +264,25 @@ fn run(cli: Cli) -> Result<i32, Error> {
         Command::Explain(args) => explain::run_explain(args),
         Command::Doctor(args) => explain::run_doctor(args),
         Command::Validate(args) => explain::run_validate(args),
+        Command::Cni(CniCommand::Install {
+            conf_dir,
+            bin_dir,
+            options,
+        }) => {
+            let options = cni::install::parse_options(&options)?;
+            let done = cni::install::install(&conf_dir, Some(&bin_dir), &options)?;
+            tracing::info!(
+                conflist = %done.conflist.display(),
+                changed = done.changed,
+                "shunt is in the CNI chain"
+            );
+            Ok(exit::OK)
+        }
+        Command::Cni(CniCommand::Uninstall { conf_dir, bin_dir }) => {
+            let changed = cni::install::uninstall(&conf_dir, Some(&bin_dir))?;
+            tracing::info!(changed, "shunt removed from the CNI chain");
+            Ok(exit::OK)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shunt", &mut std::io::stdout());
             Ok(exit::OK)
@@ -245,6 +291,10 @@ fn run(cli: Cli) -> Result<i32, Error> {
 }
 
 fn main() -> ExitCode {
+    // A container runtime runs CNI plugins with CNI_COMMAND set and the config on stdin.
+    if let Ok(command) = std::env::var("CNI_COMMAND") {
+        return ExitCode::from(cni::run_plugin(&command) as u8);
+    }
     let cli = Cli::parse();
     logging::init(cli.verbose as i8 - cli.quiet as i8, cli.log_format);
     let code = match run(cli) {

@@ -1,0 +1,214 @@
+//! `shunt cni install` / `uninstall`: put the binary in the CNI bin dir and shunt's entry at
+//! the end of the primary network's conflist, atomically and idempotently.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no CNI network config (*.conflist, *.conf, *.json) in {0}: install the primary network plugin first")]
+    NoPrimary(PathBuf),
+    #[error("{path} is not a valid CNI config: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("--options must be a JSON object of capture options: {0}")]
+    Options(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file so that readers see the old or the new content, never a mix: a temporary file
+/// in the same directory, flushed, then renamed over the target.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.shunt-tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io(path))
+}
+
+/// The primary network config: the first file in name order, as container runtimes pick it.
+pub fn primary_config(conf_dir: &Path) -> Result<PathBuf, InstallError> {
+    let mut files: Vec<PathBuf> = fs::read_dir(conf_dir)
+        .map_err(io(conf_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conflist" | "conf" | "json")
+                )
+        })
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .next()
+        .ok_or_else(|| InstallError::NoPrimary(conf_dir.to_path_buf()))
+}
+
+fn read_json(path: &Path) -> Result<Map<String, Value>, InstallError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(InstallError::Invalid {
+            path: path.to_path_buf(),
+            reason: "not a JSON object".into(),
+        }),
+        Err(e) => Err(InstallError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A lone plugin config becomes a one-plugin list (what chaining needs).
+fn as_conflist(mut conf: Map<String, Value>) -> Map<String, Value> {
+    if conf.contains_key("plugins") {
+        return conf;
+    }
+    let version = conf.remove("cniVersion").unwrap_or(json!("0.3.1"));
+    let name = conf.remove("name").unwrap_or(json!("k8s-pod-network"));
+    let mut list = Map::new();
+    list.insert("cniVersion".into(), version);
+    list.insert("name".into(), name);
+    list.insert("plugins".into(), Value::Array(vec![Value::Object(conf)]));
+    list
+}
+
+fn is_shunt(plugin: &Value) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some("shunt")
+}
+
+/// What `install` did, for the log.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Installed {
+    pub conflist: PathBuf,
+    pub binary: Option<PathBuf>,
+    pub changed: bool,
+}
+
+/// Adds (or updates) shunt's entry at the end of the primary conflist; a `.conf` is turned into
+/// a `.conflist` next to it and the old file removed. `options` are extra keys for the entry.
+pub fn install(
+    conf_dir: &Path,
+    bin_dir: Option<&Path>,
+    options: &Map<String, Value>,
+) -> Result<Installed, InstallError> {
+    let binary = match bin_dir {
+        Some(dir) => {
+            let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+            let data = fs::read(&exe).map_err(io(&exe))?;
+            let target = dir.join("shunt");
+            if fs::read(&target).ok().as_deref() != Some(&data[..]) {
+                write_atomic(&target, &data, 0o755)?;
+            }
+            Some(target)
+        }
+        None => None,
+    };
+    let primary = primary_config(conf_dir)?;
+    let before = read_json(&primary)?;
+    let mut list = as_conflist(before.clone());
+    let mut entry = Map::new();
+    entry.insert("type".into(), json!("shunt"));
+    entry.insert(
+        "capabilities".into(),
+        json!({"io.kubernetes.cri.pod-annotations": true}),
+    );
+    for (k, v) in options {
+        entry.insert(k.clone(), v.clone());
+    }
+    let plugins = list
+        .get_mut("plugins")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| InstallError::Invalid {
+            path: primary.clone(),
+            reason: "\"plugins\" is not a list".into(),
+        })?;
+    plugins.retain(|p| !is_shunt(p));
+    plugins.push(Value::Object(entry));
+    let target = primary.with_extension("conflist");
+    let changed = target != primary || list != before;
+    if changed {
+        let text = serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n";
+        write_atomic(&target, text.as_bytes(), 0o644)?;
+        if target != primary {
+            fs::remove_file(&primary).map_err(io(&primary))?;
+        }
+    }
+    Ok(Installed {
+        conflist: target,
+        binary,
+        changed,
+    })
+}
+
+/// Removes shunt's entry from the primary conflist (and the binary, when `bin_dir` is given).
+pub fn uninstall(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<bool, InstallError> {
+    let primary = primary_config(conf_dir)?;
+    let mut list = read_json(&primary)?;
+    let mut changed = false;
+    if let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) {
+        let n = plugins.len();
+        plugins.retain(|p| !is_shunt(p));
+        changed = plugins.len() != n;
+    }
+    if changed {
+        let text = serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n";
+        write_atomic(&primary, text.as_bytes(), 0o644)?;
+    }
+    if let Some(dir) = bin_dir {
+        let bin = dir.join("shunt");
+        if bin.exists() {
+            fs::remove_file(&bin).map_err(io(&bin))?;
+        }
+    }
+    Ok(changed)
+}
+
+/// `--options '{"exclude_outbound_cidrs": "10.0.0.0/8"}'`, checked like a CNI config would be.
+pub fn parse_options(text: &str) -> Result<Map<String, Value>, InstallError> {
+    let map = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(InstallError::Options("not an object".into())),
+        Err(e) => return Err(InstallError::Options(e.to_string())),
+    };
+    let mut opts = map.clone();
+    for k in ["skip_namespaces", "log_file", "log_level"] {
+        opts.remove(k);
+    }
+    serde_json::from_value::<crate::config::RawOptions>(Value::Object(opts))
+        .map_err(|e| InstallError::Options(e.to_string()))?
+        .resolve()
+        .map_err(|e| InstallError::Options(e.to_string()))?;
+    Ok(map)
+}

@@ -1,0 +1,523 @@
+//! The CNI plugin driven the way a container runtime drives it: the real reference plugins
+//! (Debian's containernetworking-plugins: bridge + host-local) first, shunt chained after, in a
+//! "node" namespace the test makes (so the bridge never touches the host), against a pod
+//! namespace.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const CNI_BIN: &str = "/usr/lib/cni";
+const GATEWAY: &str = "10.200.50.1";
+
+fn cni_missing() -> Option<String> {
+    for p in ["bridge", "host-local"] {
+        if !Path::new(CNI_BIN).join(p).exists() {
+            return Some(format!(
+                "{CNI_BIN}/{p} missing (apt-get install containernetworking-plugins)"
+            ));
+        }
+    }
+    None
+}
+
+macro_rules! require_cni {
+    () => {
+        require_netns!();
+        if let Some(why) = cni_missing() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+struct Runtime {
+    node: Ns,
+    pod: Ns,
+    data: PathBuf,
+    bridge: String,
+    id: String,
+}
+
+struct Outcome {
+    code: i32,
+    stdout: Value,
+    stderr: String,
+}
+
+impl Runtime {
+    fn new() -> Runtime {
+        let node = Ns::new("node");
+        let pod = Ns::new("cnipod");
+        let id = pod.name.clone();
+        let data = std::env::temp_dir().join(format!("{}-ipam", pod.name));
+        let n = pod.name.rsplit('-').next().unwrap_or("0").to_string();
+        let bridge = format!("shb{}x{n}", std::process::id() % 10000);
+        Runtime {
+            node,
+            pod,
+            data,
+            bridge,
+            id,
+        }
+    }
+
+    fn bridge_conf(&self) -> Value {
+        json!({
+            "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "subnet": "10.200.50.0/24", "dataDir": self.data}
+        })
+    }
+
+    /// Runs one plugin binary in the node namespace, as a runtime would exec it.
+    fn exec(&self, plugin: &str, command: &str, netns: &str, conf: &Value, args: &str) -> Outcome {
+        let path = if plugin == "shunt" {
+            PathBuf::from(SHUNT)
+        } else {
+            Path::new(CNI_BIN).join(plugin)
+        };
+        let mut child = shunt::netns::command(&path.to_string_lossy(), Some(&self.node.handle))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_BIN)
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stdout: if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{plugin} printed non-JSON ({e}): {text}"))
+            },
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
+    }
+
+    /// One plugin's config as the runtime hands it over: the list's name and version, and the
+    /// previous result.
+    fn conf(&self, version: &str, plugin: &Value, prev: Option<&Value>) -> Value {
+        let mut c = plugin.clone();
+        c["cniVersion"] = json!(version);
+        c["name"] = json!("testnet");
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    }
+
+    /// ADD through the list in order, handing each result to the next plugin.
+    fn add(&self, version: &str, plugins: &[Value], args: &str) -> Result<Value, Outcome> {
+        self.add_all(version, plugins, args)
+            .map(|mut r| r.pop().unwrap())
+    }
+
+    /// Like [`Runtime::add`], returning every plugin's result.
+    fn add_all(&self, version: &str, plugins: &[Value], args: &str) -> Result<Vec<Value>, Outcome> {
+        let mut results: Vec<Value> = Vec::new();
+        for p in plugins {
+            let ty = p["type"].as_str().unwrap();
+            let conf = self.conf(version, p, results.last());
+            let out = self.exec(ty, "ADD", &self.pod.path(), &conf, args);
+            if out.code != 0 {
+                return Err(out);
+            }
+            results.push(out.stdout);
+        }
+        Ok(results)
+    }
+
+    fn check(&self, version: &str, plugins: &[Value], cached: &Value) -> Result<(), Outcome> {
+        for p in plugins {
+            let ty = p["type"].as_str().unwrap();
+            let out = self.exec(
+                ty,
+                "CHECK",
+                &self.pod.path(),
+                &self.conf(version, p, Some(cached)),
+                "",
+            );
+            if out.code != 0 {
+                return Err(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// DEL in reverse order, with the cached result.
+    fn del(&self, version: &str, plugins: &[Value], cached: &Value, netns: &str) {
+        for p in plugins.iter().rev() {
+            let ty = p["type"].as_str().unwrap();
+            let out = self.exec(ty, "DEL", netns, &self.conf(version, p, Some(cached)), "");
+            assert_eq!(out.code, 0, "DEL {ty}: {} {}", out.stdout, out.stderr);
+        }
+    }
+
+    fn has_rules(&self) -> bool {
+        self.pod
+            .iptables_save("nft", false)
+            .contains("SHUNT_OUTPUT")
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn shunt_conf(extra: Value) -> Value {
+    let mut c = json!({"type": "shunt", "backend": "nft", "ipv6": "off"});
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// Where a connection from the app (uid 1000) to the gateway lands: `Some(original dst)` when
+/// the pod's outbound capture port got it, `None` when the node's listener did.
+fn lands(rt: &Runtime, capture: &TcpListener, node: &TcpListener, port: u16) -> Option<SocketAddr> {
+    let _c = rt
+        .pod
+        .connect_as(1000, 1000, &hp(GATEWAY, port))
+        .expect("connect");
+    for _ in 0..1000 {
+        if let Ok((s, _)) = capture.accept() {
+            let orig = original_dst(&s);
+            return Some(match orig {
+                SocketAddr::V6(a) => {
+                    SocketAddr::new(a.ip().to_ipv4_mapped().unwrap().into(), a.port())
+                }
+                v4 => v4,
+            });
+        }
+        if node.accept().is_ok() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    panic!("connection to {GATEWAY}:{port} landed nowhere");
+}
+
+fn listeners(rt: &Runtime, ports: &[u16]) -> (TcpListener, Vec<TcpListener>) {
+    let capture = rt.pod.listen("[::]:15001");
+    capture.set_nonblocking(true).unwrap();
+    let nodes = ports
+        .iter()
+        .map(|p| {
+            let l = rt.node.listen(&hp(GATEWAY, *p));
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
+    (capture, nodes)
+}
+
+#[test]
+fn chained_after_bridge_for_each_cni_version() {
+    require_cni!();
+    for version in ["0.3.1", "0.4.0", "1.0.0"] {
+        let rt = Runtime::new();
+        let plugins = [rt.bridge_conf(), shunt_conf(json!({}))];
+        let results = rt
+            .add_all(
+                version,
+                &plugins,
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+            )
+            .unwrap_or_else(|o| panic!("{version}: {} {}", o.stdout, o.stderr));
+        let (bridge, result) = (&results[0], results[1].clone());
+        assert_eq!(result["cniVersion"], version);
+        assert!(
+            result["interfaces"]
+                .as_array()
+                .is_some_and(|a| a.len() >= 2),
+            "{result}"
+        );
+        assert!(result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.200.50."));
+        assert_eq!(
+            &result, bridge,
+            "{version}: the bridge's result must pass through unchanged"
+        );
+        assert!(rt.has_rules(), "{version}: no rules in the pod");
+        let (capture, nodes) = listeners(&rt, &[8080]);
+        assert_eq!(
+            lands(&rt, &capture, &nodes[0], 8080),
+            Some(format!("{GATEWAY}:8080").parse().unwrap()),
+            "{version}: the app's connection was not captured"
+        );
+        if version != "0.3.1" {
+            rt.check(version, &plugins, &result)
+                .unwrap_or_else(|o| panic!("{} {}", o.stdout, o.stderr));
+            rt.pod.must(&[
+                "iptables-nft",
+                "-t",
+                "nat",
+                "-D",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-j",
+                "SHUNT_OUTPUT",
+            ]);
+            let err = rt
+                .check(version, &plugins, &result)
+                .expect_err("CHECK must fail after drift");
+            assert_eq!(err.stdout["code"], 100, "{}", err.stdout);
+            assert!(err.stdout["msg"].as_str().unwrap().contains("drifted"));
+        }
+        rt.del(version, &plugins, &result, &rt.pod.path());
+        assert!(!rt.has_rules(), "{version}: DEL left rules");
+        rt.del(version, &plugins[1..], &result, &rt.pod.path());
+    }
+}
+
+#[test]
+fn del_succeeds_when_the_namespace_is_gone() {
+    require_cni!();
+    let rt = Runtime::new();
+    let plugins = [rt.bridge_conf(), shunt_conf(json!({}))];
+    let result = rt
+        .add("1.0.0", &plugins, "")
+        .unwrap_or_else(|o| panic!("{}", o.stderr));
+    let gone = format!("/run/netns/{}-gone", rt.pod.name);
+    let out = rt.exec(
+        "shunt",
+        "DEL",
+        &gone,
+        &rt.conf("1.0.0", &plugins[1], Some(&result)),
+        "",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = rt.exec(
+        "shunt",
+        "DEL",
+        "",
+        &rt.conf("1.0.0", &plugins[1], Some(&result)),
+        "",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}
+
+#[test]
+fn bad_config_fails_add_with_code_7_and_applies_nothing() {
+    require_cni!();
+    let rt = Runtime::new();
+    let plugins = [
+        rt.bridge_conf(),
+        shunt_conf(json!({"exclude_outbound_cidrs": ["10.0.0.0/33"]})),
+    ];
+    let err = rt.add("1.0.0", &plugins, "").expect_err("ADD must fail");
+    assert_eq!(err.code, 1);
+    assert_eq!(err.stdout["code"], 7, "{}", err.stdout);
+    assert!(
+        err.stdout["msg"].as_str().unwrap().contains("10.0.0.0/33"),
+        "{}",
+        err.stdout
+    );
+    assert!(!rt.has_rules());
+    // First in the list (no prevResult): a clear error, nothing applied.
+    let out = rt.exec(
+        "shunt",
+        "ADD",
+        &rt.pod.path(),
+        &rt.conf("1.0.0", &shunt_conf(json!({})), None),
+        "",
+    );
+    assert_eq!(out.stdout["code"], 7);
+    assert!(out.stdout["msg"].as_str().unwrap().contains("prevResult"));
+    assert!(!rt.has_rules());
+}
+
+#[test]
+fn annotations_opt_out_and_override() {
+    require_cni!();
+    let annotated = |ann: Value| {
+        shunt_conf(json!({
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann}
+        }))
+    };
+    // Opt-out: the pod gets its network but no rules.
+    let rt = Runtime::new();
+    let plugins = [
+        rt.bridge_conf(),
+        annotated(json!({"shunt.dev/inject": "false"})),
+    ];
+    let result = rt
+        .add("1.0.0", &plugins, "")
+        .unwrap_or_else(|o| panic!("{}", o.stderr));
+    assert!(result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.200.50."));
+    assert!(!rt.has_rules());
+    // skip_namespaces (kube-system by default) does the same.
+    let rt = Runtime::new();
+    let plugins = [rt.bridge_conf(), shunt_conf(json!({}))];
+    rt.add(
+        "1.0.0",
+        &plugins,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns",
+    )
+    .unwrap_or_else(|o| panic!("{} {}", o.stdout, o.stderr));
+    assert!(!rt.has_rules());
+    // Override: port 8080 excluded for this pod only; 8081 still captured.
+    let rt = Runtime::new();
+    let plugins = [
+        rt.bridge_conf(),
+        annotated(json!({"shunt.dev/exclude-outbound-ports": "8080"})),
+    ];
+    rt.add("1.0.0", &plugins, "")
+        .unwrap_or_else(|o| panic!("{}", o.stderr));
+    let (capture, nodes) = listeners(&rt, &[8080, 8081]);
+    assert_eq!(lands(&rt, &capture, &nodes[0], 8080), None);
+    assert_eq!(
+        lands(&rt, &capture, &nodes[1], 8081),
+        Some(format!("{GATEWAY}:8081").parse().unwrap())
+    );
+}
+
+#[test]
+fn version_lists_supported_versions() {
+    let out = std::process::Command::new(SHUNT)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shunt-cni-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("net.d")).unwrap();
+    std::fs::create_dir_all(d.join("bin")).unwrap();
+    d
+}
+
+fn cni_cmd(verb: &str, d: &Path, extra: &[&str]) {
+    let out = std::process::Command::new(SHUNT)
+        .args(["cni", verb, "--conf-dir"])
+        .arg(d.join("net.d"))
+        .arg("--bin-dir")
+        .arg(d.join("bin"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn shunt_entries(v: &Value) -> usize {
+    v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "shunt")
+        .count()
+}
+
+#[test]
+fn install_and_uninstall_a_conflist() {
+    let d = tmpdir("list");
+    let primary = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
+        {"type": "calico", "ipam": {"type": "calico-ipam"}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}]});
+    let path = d.join("net.d/10-calico.conflist");
+    std::fs::write(&path, primary.to_string()).unwrap();
+    std::fs::write(d.join("net.d/99-other.conflist"), "{}").unwrap();
+    for _ in 0..3 {
+        cni_cmd(
+            "install",
+            &d,
+            &[
+                "--options",
+                r#"{"exclude_outbound_cidrs": "169.254.169.254/32"}"#,
+            ],
+        );
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(shunt_entries(&v), 1, "{v}");
+    assert_eq!(v["plugins"][2]["type"], "shunt", "appended last: {v}");
+    assert_eq!(
+        v["plugins"][2]["exclude_outbound_cidrs"],
+        "169.254.169.254/32"
+    );
+    assert_eq!(v["plugins"][0], primary["plugins"][0]);
+    assert!(d.join("bin/shunt").exists());
+    // No temporary files are left behind.
+    let names: Vec<_> = std::fs::read_dir(d.join("net.d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    cni_cmd("uninstall", &d, &[]);
+    cni_cmd("uninstall", &d, &[]);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v, primary);
+    assert!(!d.join("bin/shunt").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn install_turns_a_lone_conf_into_a_conflist() {
+    let d = tmpdir("conf");
+    let conf = json!({"cniVersion": "0.4.0", "name": "bridge-net", "type": "bridge", "bridge": "cni0",
+        "ipam": {"type": "host-local", "subnet": "10.22.0.0/16"}});
+    std::fs::write(d.join("net.d/10-bridge.conf"), conf.to_string()).unwrap();
+    cni_cmd("install", &d, &[]);
+    cni_cmd("install", &d, &[]);
+    assert!(!d.join("net.d/10-bridge.conf").exists());
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("net.d/10-bridge.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(v["cniVersion"], "0.4.0");
+    assert_eq!(v["name"], "bridge-net");
+    assert_eq!(v["plugins"][0]["type"], "bridge");
+    assert_eq!(v["plugins"][0]["ipam"], conf["ipam"]);
+    assert_eq!(shunt_entries(&v), 1);
+    // Bad options are refused before anything is written.
+    let out = std::process::Command::new(SHUNT)
+        .args(["cni", "install", "--conf-dir"])
+        .arg(d.join("net.d"))
+        .arg("--bin-dir")
+        .arg(d.join("bin"))
+        .args(["--options", r#"{"proxy_port": 0}"#])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxy-port"));
+    let _ = std::fs::remove_dir_all(&d);
+}
