@@ -1,1 +1,507 @@
-//! The proxy's admin HTTP interface (issue 3). Placeholder until it lands.
+//! The proxy's admin HTTP server (Envoy-style, on loopback): a thin router over the proxy's
+//! counters. Every endpoint is a read (GET or HEAD); anything else gets 405.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::plan::Family;
+use crate::proxy::stats::{Direction, Stats};
+
+pub struct AdminState {
+    pub stats: Arc<Stats>,
+    /// The effective proxy configuration.
+    pub config: serde_json::Value,
+    /// The capture rules found in the namespace when the proxy started.
+    pub rules: serde_json::Value,
+}
+
+const HELP: &str = "shunt proxy admin (GET):
+  /help                 this list
+  /ready                200 LIVE while serving, 503 DRAINING after SIGTERM
+  /stats                counters, one `name: value` a line (?format=json)
+  /stats/prometheus     the same counters in Prometheus text format
+  /clusters             per original destination: cx_active, cx_total, cx_connect_fail, rx_bytes, tx_bytes (?format=json)
+  /config_dump          effective proxy configuration and the capture rules in this namespace (JSON)
+  /connections          open connections (?format=json)
+tx_bytes flow from the client towards the original destination, rx_bytes back.
+";
+
+/// Serves until the process exits; one task per admin connection.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (sock, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(sock), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(body: String) -> Response<Full<Bytes>> {
+    reply(StatusCode::OK, "text/plain; charset=utf-8", body)
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    reply(StatusCode::OK, "application/json", body)
+}
+
+pub fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "every admin endpoint is read-only: use GET\n".into(),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let want_json = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "format=json"));
+    let stats = &state.stats;
+    match req.uri().path() {
+        "/" | "/help" => text(HELP.into()),
+        "/ready" => {
+            if stats.is_draining() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "DRAINING\n".into(),
+                )
+            } else {
+                text("LIVE\n".into())
+            }
+        }
+        "/stats" if want_json => json(&stats_json(stats)),
+        "/stats" => text(stats_text(stats)),
+        "/stats/prometheus" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus(stats),
+        ),
+        "/clusters" if want_json => json(&clusters_json(stats)),
+        "/clusters" => text(clusters_text(stats)),
+        "/config_dump" => json(&serde_json::json!({
+            "proxy": state.config,
+            "capture_rules": state.rules,
+        })),
+        "/connections" if want_json => json(&connections_json(stats)),
+        "/connections" => text(connections_text(stats)),
+        other => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            format!("no admin endpoint {other}; see /help\n"),
+        ),
+    }
+}
+
+/// Every global counter: (name, help, is_counter, per-direction value).
+type Metric = (
+    &'static str,
+    &'static str,
+    bool,
+    fn(&Stats, Direction) -> u64,
+);
+
+const METRICS: &[Metric] = &[
+    (
+        "downstream_cx_total",
+        "Connections accepted.",
+        true,
+        |s, d| s.dir(d).cx_total.get(),
+    ),
+    (
+        "downstream_cx_active",
+        "Connections open now.",
+        false,
+        |s, d| s.dir(d).cx_active.get(),
+    ),
+    (
+        "downstream_cx_loop",
+        "Refused: the original destination is the proxy itself.",
+        true,
+        |s, d| s.dir(d).cx_loop.get(),
+    ),
+    (
+        "downstream_cx_not_redirected",
+        "Refused: not redirected by netfilter.",
+        true,
+        |s, d| s.dir(d).cx_not_redirected.get(),
+    ),
+    (
+        "downstream_cx_overflow",
+        "Refused: --max-connections reached.",
+        true,
+        |s, d| s.dir(d).cx_overflow.get(),
+    ),
+    (
+        "downstream_cx_draining",
+        "Refused while draining.",
+        true,
+        |s, d| s.dir(d).cx_draining.get(),
+    ),
+    (
+        "upstream_cx_connect_fail",
+        "Connections to the original destination refused or unreachable.",
+        true,
+        |s, d| s.dir(d).connect_fail.get(),
+    ),
+    (
+        "upstream_cx_connect_timeout",
+        "Connections to the original destination timed out.",
+        true,
+        |s, d| s.dir(d).connect_timeout.get(),
+    ),
+    (
+        "downstream_cx_reset",
+        "Relays ended by a client reset.",
+        true,
+        |s, d| s.dir(d).client_reset.get(),
+    ),
+    (
+        "upstream_cx_reset",
+        "Relays ended by a destination reset.",
+        true,
+        |s, d| s.dir(d).upstream_reset.get(),
+    ),
+    (
+        "tx_bytes",
+        "Bytes relayed from clients to original destinations.",
+        true,
+        |s, d| s.dir(d).tx_bytes.get(),
+    ),
+    (
+        "rx_bytes",
+        "Bytes relayed from original destinations to clients.",
+        true,
+        |s, d| s.dir(d).rx_bytes.get(),
+    ),
+];
+
+fn rss_bytes() -> u64 {
+    // statm: size resident shared ... in pages.
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 5] {
+    [
+        (
+            "accept_errors",
+            "accept(2) failures, each followed by a back-off.",
+            true,
+            stats.accept_errors.get(),
+        ),
+        (
+            "relay_buffers_created",
+            "Relay pipes or buffers created (pooled and reused).",
+            true,
+            stats.relay_buffers_created.get(),
+        ),
+        (
+            "draining",
+            "1 after SIGTERM.",
+            false,
+            stats.is_draining() as u64,
+        ),
+        (
+            "uptime_seconds",
+            "Seconds since start.",
+            false,
+            stats.started.elapsed().as_secs(),
+        ),
+        (
+            "resident_memory_bytes",
+            "Resident set size of the proxy.",
+            false,
+            rss_bytes(),
+        ),
+    ]
+}
+
+fn stats_text(stats: &Stats) -> String {
+    let mut out = String::new();
+    for (name, _, _, f) in METRICS {
+        for d in Direction::ALL {
+            let _ = writeln!(out, "{}.{name}: {}", d.name(), f(stats, d));
+        }
+    }
+    for (name, _, _, v) in process_metrics(stats) {
+        let _ = writeln!(out, "server.{name}: {v}");
+    }
+    for c in stats.clusters() {
+        let n = c.name();
+        let _ = writeln!(out, "cluster.{n}.upstream_cx_active: {}", c.cx_active.get());
+        let _ = writeln!(out, "cluster.{n}.upstream_cx_total: {}", c.cx_total.get());
+        let _ = writeln!(
+            out,
+            "cluster.{n}.upstream_cx_connect_fail: {}",
+            c.cx_connect_fail.get()
+        );
+        let _ = writeln!(
+            out,
+            "cluster.{n}.upstream_cx_tx_bytes_total: {}",
+            c.tx_bytes.get()
+        );
+        let _ = writeln!(
+            out,
+            "cluster.{n}.upstream_cx_rx_bytes_total: {}",
+            c.rx_bytes.get()
+        );
+    }
+    out
+}
+
+fn stats_json(stats: &Stats) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (name, _, _, f) in METRICS {
+        for d in Direction::ALL {
+            m.insert(format!("{}.{name}", d.name()), f(stats, d).into());
+        }
+    }
+    for (name, _, _, v) in process_metrics(stats) {
+        m.insert(format!("server.{name}"), v.into());
+    }
+    serde_json::json!({ "stats": m, "clusters": clusters_json(stats)["clusters"] })
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition format 0.0.4; counters end in `_total`.
+pub fn prometheus(stats: &Stats) -> String {
+    let mut out = String::new();
+    let family = |out: &mut String, name: &str, help: &str, counter: bool| {
+        let full = if counter {
+            format!("shunt_{}_total", name.trim_end_matches("_total"))
+        } else {
+            format!("shunt_{name}")
+        };
+        let kind = if counter { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {full} {help}\n# TYPE {full} {kind}");
+        full
+    };
+    for (name, help, counter, f) in METRICS {
+        let full = family(&mut out, name, help, *counter);
+        for d in Direction::ALL {
+            let _ = writeln!(out, "{full}{{direction=\"{}\"}} {}", d.name(), f(stats, d));
+        }
+    }
+    for (name, help, counter, v) in process_metrics(stats) {
+        let full = family(&mut out, name, help, counter);
+        let _ = writeln!(out, "{full} {v}");
+    }
+    let clusters = stats.clusters();
+    type ClusterMetric = (
+        &'static str,
+        &'static str,
+        bool,
+        fn(&crate::proxy::stats::Cluster) -> u64,
+    );
+    let per_cluster: [ClusterMetric; 5] = [
+        (
+            "cluster_cx_active",
+            "Open connections to this original destination.",
+            false,
+            |c| c.cx_active.get(),
+        ),
+        (
+            "cluster_cx",
+            "Connections attempted to this original destination.",
+            true,
+            |c| c.cx_total.get(),
+        ),
+        (
+            "cluster_cx_connect_fail",
+            "Failed or timed-out connects to this original destination.",
+            true,
+            |c| c.cx_connect_fail.get(),
+        ),
+        (
+            "cluster_tx_bytes",
+            "Bytes sent to this original destination.",
+            true,
+            |c| c.tx_bytes.get(),
+        ),
+        (
+            "cluster_rx_bytes",
+            "Bytes received from this original destination.",
+            true,
+            |c| c.rx_bytes.get(),
+        ),
+    ];
+    for (name, help, counter, f) in per_cluster {
+        if clusters.is_empty() {
+            break;
+        }
+        let full = family(&mut out, name, help, counter);
+        for c in &clusters {
+            let dst = c
+                .dst
+                .map_or_else(|| "overflow".to_string(), |d| d.to_string());
+            let _ = writeln!(
+                out,
+                "{full}{{direction=\"{}\",dst=\"{}\"}} {}",
+                c.direction.name(),
+                label(&dst),
+                f(c)
+            );
+        }
+    }
+    out
+}
+
+fn clusters_text(stats: &Stats) -> String {
+    let mut out = String::new();
+    for c in stats.clusters() {
+        let n = c.name();
+        let _ = writeln!(out, "{n}::cx_active::{}", c.cx_active.get());
+        let _ = writeln!(out, "{n}::cx_total::{}", c.cx_total.get());
+        let _ = writeln!(out, "{n}::cx_connect_fail::{}", c.cx_connect_fail.get());
+        let _ = writeln!(out, "{n}::rx_bytes::{}", c.rx_bytes.get());
+        let _ = writeln!(out, "{n}::tx_bytes::{}", c.tx_bytes.get());
+    }
+    out
+}
+
+fn clusters_json(stats: &Stats) -> serde_json::Value {
+    let list: Vec<_> = stats
+        .clusters()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name(),
+                "direction": c.direction,
+                "dst": c.dst.map(|d| d.to_string()),
+                "cx_active": c.cx_active.get(),
+                "cx_total": c.cx_total.get(),
+                "cx_connect_fail": c.cx_connect_fail.get(),
+                "rx_bytes": c.rx_bytes.get(),
+                "tx_bytes": c.tx_bytes.get(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "clusters": list })
+}
+
+fn connections_json(stats: &Stats) -> serde_json::Value {
+    let list: Vec<_> = stats
+        .connections()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id,
+                "direction": c.direction,
+                "client": c.client.to_string(),
+                "dst": c.dst.to_string(),
+                "established": c.established.load(std::sync::atomic::Ordering::Relaxed),
+                "started_unix_ms": c.started_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                "age_ms": c.started.elapsed().as_millis() as u64,
+                "tx_bytes": c.tx_bytes.get(),
+                "rx_bytes": c.rx_bytes.get(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "connections": list })
+}
+
+fn connections_text(stats: &Stats) -> String {
+    let mut out = String::from("id direction client dst age_ms tx_bytes rx_bytes\n");
+    for c in stats.connections() {
+        let _ = writeln!(
+            out,
+            "{} {} {} {} {} {} {}",
+            c.id,
+            c.direction.name(),
+            c.client,
+            c.dst,
+            c.started.elapsed().as_millis(),
+            c.tx_bytes.get(),
+            c.rx_bytes.get()
+        );
+    }
+    out
+}
+
+/// The rules installed in the current namespace, per backend and family, for `/config_dump`.
+/// Errors (no iptables, no permission) are reported in place, not fatal.
+pub fn capture_rules() -> serde_json::Value {
+    use crate::netfilter::{save, Backend};
+    let mut found = vec![];
+    let mut errors = vec![];
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for family in [Family::V4, Family::V6] {
+            if !backend.available(family) {
+                continue;
+            }
+            match save(backend, family, None) {
+                Ok(saved) if saved.has_rules() => {
+                    let tables: Vec<_> = saved
+                        .tables
+                        .iter()
+                        .filter(|t| !t.rules.is_empty())
+                        .map(|t| {
+                            let rules: Vec<String> = t
+                                .rules
+                                .iter()
+                                .map(|r| format!("-A {} {}", r.chain, r.args.join(" ")))
+                                .collect();
+                            serde_json::json!({ "table": t.name, "rules": rules })
+                        })
+                        .collect();
+                    found.push(serde_json::json!({
+                        "backend": backend.name(),
+                        "family": family,
+                        "tables": tables,
+                    }));
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("{} {}: {e}", backend.name(), family.name())),
+            }
+        }
+    }
+    serde_json::json!({ "read_at": "proxy start", "rulesets": found, "errors": errors })
+}

@@ -1,15 +1,449 @@
-//! `shunt proxy`: the redirect-aware proxy (issue 3). Placeholder until it lands.
+//! `shunt proxy`: the redirect-aware proxy (SPEC §4).
+//!
+//! ```text
+//! listener (15001 out, 15006 in; v4 + v6) -> forward: original destination, loop check,
+//!   connect (inbound from 127.0.0.6 / ::6) -> relay (splice or copy, both ways) -> access log
+//! stats <- admin (127.0.0.1:15000)
+//! ```
+//! Listeners are bound first, then the process drops to `--user`; SIGTERM closes the listeners,
+//! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`.
+
+mod forward;
+mod listener;
+pub mod relay;
+pub mod stats;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use relay::RelayMode;
+use stats::{Direction, End, Stats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("the proxy is not implemented in this build")]
-    NotImplemented,
+    #[error("{what} is not implemented in this build{hint}")]
+    Unsupported { what: String, hint: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot switch to --user {spec}: {source} (binding needs root or CAP_SETUID/CAP_SETGID to drop)")]
+    User { spec: String, source: nix::Error },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: io::Error,
+    },
 }
 
-/// Flags of `shunt proxy` (SPEC §4).
-#[derive(Debug, Clone, clap::Args)]
-pub struct ProxyArgs {}
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Captured by nat REDIRECT; the original destination comes from SO_ORIGINAL_DST.
+    #[default]
+    Redirect,
+    /// TPROXY (not implemented yet: refused at start).
+    Tproxy,
+}
 
-pub fn run(_args: ProxyArgs) -> Result<(), ProxyError> {
-    Err(ProxyError::NotImplemented)
+/// `UID[:GID]`, numeric; the gid defaults to the uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+pub fn parse_user(s: &str) -> Result<User, String> {
+    let bad = || format!("'{s}' is not UID or UID:GID (numbers, e.g. 1337 or 1337:1337)");
+    let (u, g) = s.split_once(':').unwrap_or((s, s));
+    let uid = u.parse::<u32>().map_err(|_| bad())?;
+    let gid = g.parse::<u32>().map_err(|_| bad())?;
+    Ok(User { uid, gid })
+}
+
+/// `5s`, `500ms`, `2m`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("'{s}' is not a duration (a number with ms, s or m, e.g. 5s)");
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("'{s}' is not a port (1-65535)")),
+    }
+}
+
+/// Flags of `shunt proxy` (SPEC §4). Each one is also an environment variable `SHUNT_PROXY_*`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Examples:\n  shunt proxy --user 1337                      # as a sidecar: bind, then run as uid/gid 1337\n  SHUNT_PROXY_MAX_CONNECTIONS=5000 shunt proxy --drain-timeout 20s --log-format json\n  curl -s 127.0.0.1:15000/clusters             # per original destination counters\n\nAdmin endpoints (GET): /help /ready /stats /stats/prometheus /clusters[?format=json] /config_dump /connections[?format=json]"
+)]
+pub struct ProxyArgs {
+    /// Port that captured outbound TCP is redirected to
+    #[arg(long, env = "SHUNT_PROXY_OUTBOUND_PORT", default_value = "15001", value_parser = port)]
+    pub outbound_port: u16,
+    /// Port that captured inbound TCP is redirected to
+    #[arg(long, env = "SHUNT_PROXY_INBOUND_PORT", default_value = "15006", value_parser = port)]
+    pub inbound_port: u16,
+    /// Address of the admin HTTP server (keep it on loopback)
+    #[arg(
+        long,
+        env = "SHUNT_PROXY_ADMIN_ADDR",
+        default_value = "127.0.0.1:15000"
+    )]
+    pub admin_addr: SocketAddr,
+    /// DNS forwarder port; the forwarder is not in this build, so only 0 (off) is accepted
+    #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 0)]
+    pub dns_port: u16,
+    /// Interception mode the capture rules use (tproxy is refused: not implemented yet)
+    #[arg(long, value_enum, env = "SHUNT_PROXY_MODE", default_value_t)]
+    pub mode: Mode,
+    /// Bind, then drop to this user: UID[:GID] (default: keep running as started)
+    #[arg(long, env = "SHUNT_PROXY_USER", value_parser = parse_user, value_name = "UID[:GID]")]
+    pub user: Option<User>,
+    /// Give up connecting to the original destination after this long (ms, s or m)
+    #[arg(long, env = "SHUNT_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// On SIGTERM, wait this long for open connections before exiting (ms, s or m)
+    #[arg(long, env = "SHUNT_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Most connections open at once (both directions); more are reset. Default: what the
+    /// descriptor limit allows (two per connection)
+    #[arg(long, env = "SHUNT_PROXY_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
+    /// How bytes are moved: splice (zero-copy through a pooled pipe) or copy (pooled buffer)
+    #[arg(long, value_enum, env = "SHUNT_PROXY_RELAY", default_value_t)]
+    pub relay: RelayMode,
+    /// Pipe size (splice) or buffer size (copy) in bytes; 0 = 64 KiB pipes, 16 KiB buffers
+    #[arg(long, env = "SHUNT_PROXY_RELAY_BUFFER", default_value_t = 0)]
+    pub relay_buffer: usize,
+    /// Worker threads: 1 runs everything on one thread (best for a sidecar on a core or two)
+    #[arg(long, env = "SHUNT_PROXY_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+}
+
+impl ProxyArgs {
+    /// Refuses what this build cannot do, naming the value.
+    pub fn validate(&self) -> Result<(), ProxyError> {
+        if self.mode == Mode::Tproxy {
+            return Err(ProxyError::Unsupported {
+                what: "--mode tproxy".into(),
+                hint: "; use --mode redirect (the default capture mode)".into(),
+            });
+        }
+        if self.dns_port != 0 {
+            return Err(ProxyError::Unsupported {
+                what: format!("the DNS forwarder (--dns-port {})", self.dns_port),
+                hint: "; run with --dns-port 0 and without --redirect-dns capture".into(),
+            });
+        }
+        if self.outbound_port == self.inbound_port {
+            return Err(ProxyError::Config(format!(
+                "--outbound-port and --inbound-port are both {}; they must differ",
+                self.outbound_port
+            )));
+        }
+        if self.admin_addr.port() != 0
+            && [self.outbound_port, self.inbound_port].contains(&self.admin_addr.port())
+        {
+            return Err(ProxyError::Config(format!(
+                "--admin-addr {} uses a proxy listener port",
+                self.admin_addr
+            )));
+        }
+        if !(1..=64).contains(&self.workers) {
+            return Err(ProxyError::Config(format!(
+                "--workers {} is out of range (1-64)",
+                self.workers
+            )));
+        }
+        if self.relay_buffer != 0 && !(4096..=(16 << 20)).contains(&self.relay_buffer) {
+            return Err(ProxyError::Config(format!(
+                "--relay-buffer {} is out of range (0, or 4096 to 16777216)",
+                self.relay_buffer
+            )));
+        }
+        if self.max_connections == Some(0) {
+            return Err(ProxyError::Config(
+                "--max-connections 0 would refuse everything".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration, as `/config_dump` shows it.
+    fn dump(&self, max_connections: u64) -> serde_json::Value {
+        serde_json::json!({
+            "outbound_port": self.outbound_port,
+            "inbound_port": self.inbound_port,
+            "admin_addr": self.admin_addr.to_string(),
+            "dns_port": self.dns_port,
+            "mode": self.mode,
+            "user": self.user.map(|u| u.to_string()),
+            "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
+            "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
+            "max_connections": max_connections,
+            "relay": self.relay,
+            "relay_buffer": self.relay_buffer,
+            "workers": self.workers,
+            "inbound_source": ["127.0.0.6", "::6"],
+        })
+    }
+}
+
+/// State shared by the listeners, the connections and the admin server.
+pub struct Shared {
+    pub stats: Arc<Stats>,
+    relay: relay::Relay,
+    own_ports: Vec<u16>,
+    local_ips: Vec<IpAddr>,
+    connect_timeout: Duration,
+    max_connections: u64,
+}
+
+/// Raises the soft descriptor limit to the hard one; returns the limit in force.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// The namespace's own addresses (for the loop check).
+fn local_ips() -> Vec<IpAddr> {
+    let mut ips = vec![];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(addr) = a.address else { continue };
+            if let Some(v4) = addr.as_sockaddr_in() {
+                ips.push(IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                ips.push(IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+fn drop_privileges(user: User) -> Result<(), ProxyError> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    let err = |source| ProxyError::User {
+        spec: user.to_string(),
+        source,
+    };
+    let gid = Gid::from_raw(user.gid);
+    setgroups(&[gid]).map_err(err)?;
+    setgid(gid).map_err(err)?;
+    // glibc applies setuid to every thread of the process.
+    setuid(Uid::from_raw(user.uid)).map_err(err)?;
+    Ok(())
+}
+
+pub fn run(args: ProxyArgs) -> Result<(), ProxyError> {
+    args.validate()?;
+    let nofile = raise_nofile();
+    // Read the capture rules while still privileged (iptables-save needs CAP_NET_ADMIN).
+    let rules = crate::admin::capture_rules();
+    let rt = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()
+    }
+    .map_err(ProxyError::Runtime)?;
+    rt.block_on(serve(args, nofile, rules))
+}
+
+async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result<(), ProxyError> {
+    let mut listeners: Vec<(Direction, TcpListener)> = vec![];
+    for (dir, port) in [
+        (Direction::Outbound, args.outbound_port),
+        (Direction::Inbound, args.inbound_port),
+    ] {
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let l = listener::bind(v4).map_err(|source| ProxyError::Bind {
+            what: dir.name(),
+            addr: v4,
+            source,
+        })?;
+        listeners.push((dir, l));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        match listener::bind(v6) {
+            Ok(l) => listeners.push((dir, l)),
+            // A namespace without IPv6 still gets an IPv4 proxy.
+            Err(e) => tracing::warn!(direction = dir.name(), "no IPv6 listener on {v6}: {e}"),
+        }
+    }
+    let admin = listener::bind(args.admin_addr).map_err(|source| ProxyError::Bind {
+        what: "admin",
+        addr: args.admin_addr,
+        source,
+    })?;
+    let admin_addr = admin.local_addr().unwrap_or(args.admin_addr);
+    if let Some(user) = args.user {
+        drop_privileges(user)?;
+    }
+    // Each connection holds two descriptors; keep some for listeners, pipes and the admin.
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(|| nofile.saturating_sub(256).max(64) / 2);
+    let shared = Arc::new(Shared {
+        stats: Arc::new(Stats::default()),
+        relay: relay::Relay::new(args.relay, args.relay_buffer),
+        own_ports: vec![args.outbound_port, args.inbound_port, admin_addr.port()],
+        local_ips: local_ips(),
+        connect_timeout: args.connect_timeout,
+        max_connections,
+    });
+    let admin_state = Arc::new(crate::admin::AdminState {
+        stats: shared.stats.clone(),
+        config: args.dump(max_connections),
+        rules,
+    });
+    tokio::spawn(crate::admin::serve(admin, admin_state));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut addrs = vec![];
+    for (dir, l) in listeners {
+        if let Ok(a) = l.local_addr() {
+            addrs.push(format!("{}={a}", dir.name()));
+        }
+        tokio::spawn(listener::accept_loop(
+            shared.clone(),
+            l,
+            dir,
+            stop_rx.clone(),
+        ));
+    }
+    tracing::info!(
+        listeners = addrs.join(" "),
+        admin = %admin_addr,
+        max_connections,
+        relay = ?args.relay,
+        "proxy ready"
+    );
+
+    wait_for_signal().await?;
+    drain(&shared, &stop_tx, args.drain_timeout).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), ProxyError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| ProxyError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| ProxyError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{name}: draining");
+    Ok(())
+}
+
+/// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish.
+async fn drain(shared: &Shared, stop: &watch::Sender<bool>, timeout: Duration) {
+    shared.stats.draining.store(true, Ordering::Relaxed);
+    let _ = stop.send(true);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while shared.stats.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.stats.connections();
+    for c in &left {
+        forward::access_log(
+            c.direction,
+            c.client,
+            Some(c.dst),
+            (c.tx_bytes.get(), c.rx_bytes.get()),
+            Some(c.started),
+            End::DrainTimeout,
+            None,
+        );
+    }
+    tracing::info!(
+        cut = left.len(),
+        waited_ms = started.elapsed().as_millis() as u64,
+        "drained; exiting"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_users_and_durations() {
+        assert_eq!(
+            parse_user("1337"),
+            Ok(User {
+                uid: 1337,
+                gid: 1337
+            })
+        );
+        assert_eq!(parse_user("1337:42"), Ok(User { uid: 1337, gid: 42 }));
+        assert!(parse_user("-1").unwrap_err().contains("'-1'"));
+        assert!(parse_user("root").is_err());
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5x").unwrap_err().contains("'5x'"));
+        assert!(parse_duration("").is_err());
+        assert!(port("70000").unwrap_err().contains("70000"));
+        assert!(port("0").is_err());
+    }
 }

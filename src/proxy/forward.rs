@@ -1,0 +1,237 @@
+//! One accepted connection: where was it going, is that allowed, connect there, relay, log.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::listener::Active;
+use super::relay::reset;
+use super::stats::{Direction, End};
+use super::Shared;
+use crate::plan::Family;
+use crate::socket::original_dst;
+
+/// What to do with an accepted connection, from its original destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward(SocketAddr),
+    /// The original destination is one of the proxy's own listeners.
+    Loop(SocketAddr),
+    /// Netfilter did not redirect it (a direct connection to the proxy port).
+    NotRedirected,
+}
+
+/// `own_ports`: every port the proxy listens on; `local_ips`: the namespace's addresses.
+pub fn classify(
+    orig: io::Result<SocketAddr>,
+    local: SocketAddr,
+    own_ports: &[u16],
+    local_ips: &[IpAddr],
+) -> Verdict {
+    let Ok(orig) = orig else {
+        return Verdict::NotRedirected;
+    };
+    if orig == local {
+        return Verdict::NotRedirected;
+    }
+    let ip = orig.ip();
+    let local_ip =
+        ip.is_loopback() || ip.is_unspecified() || ip == local.ip() || local_ips.contains(&ip);
+    if local_ip && own_ports.contains(&orig.port()) {
+        return Verdict::Loop(orig);
+    }
+    Verdict::Forward(orig)
+}
+
+/// The access log: one line per connection.
+pub fn access_log(
+    dir: Direction,
+    client: SocketAddr,
+    dst: Option<SocketAddr>,
+    (tx, rx): (u64, u64),
+    started: Option<Instant>,
+    end: End,
+    error: Option<&io::Error>,
+) {
+    let dst = dst.map_or_else(|| "-".to_string(), |d| d.to_string());
+    let ms = started.map_or(0, |s| s.elapsed().as_millis() as u64);
+    match error {
+        None => tracing::info!(
+            direction = dir.name(),
+            %client,
+            %dst,
+            tx_bytes = tx,
+            rx_bytes = rx,
+            duration_ms = ms,
+            end = end.name(),
+            "access"
+        ),
+        Some(e) => tracing::info!(
+            direction = dir.name(),
+            %client,
+            %dst,
+            tx_bytes = tx,
+            rx_bytes = rx,
+            duration_ms = ms,
+            end = end.name(),
+            error = %e,
+            "access"
+        ),
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    dir: Direction,
+    _active: Active,
+) {
+    let started = Instant::now();
+    let stats = shared.stats.dir(dir);
+    let verdict = match client.local_addr() {
+        Ok(local) => classify(
+            original_dst(&client, local),
+            local,
+            &shared.own_ports,
+            &shared.local_ips,
+        ),
+        Err(_) => Verdict::NotRedirected,
+    };
+    let dst = match verdict {
+        Verdict::Forward(dst) => dst,
+        Verdict::Loop(dst) => {
+            stats.cx_loop.inc();
+            reset(&client);
+            tracing::warn!(direction = dir.name(), %peer, %dst, "refused a connection whose original destination is this proxy (a loop)");
+            access_log(dir, peer, Some(dst), (0, 0), Some(started), End::Loop, None);
+            return;
+        }
+        Verdict::NotRedirected => {
+            stats.cx_not_redirected.inc();
+            reset(&client);
+            tracing::warn!(direction = dir.name(), %peer, "refused a connection that was not redirected by netfilter (no original destination)");
+            access_log(
+                dir,
+                peer,
+                None,
+                (0, 0),
+                Some(started),
+                End::NotRedirected,
+                None,
+            );
+            return;
+        }
+    };
+    if shared.stats.is_draining() {
+        stats.cx_draining.inc();
+        reset(&client);
+        access_log(
+            dir,
+            peer,
+            Some(dst),
+            (0, 0),
+            Some(started),
+            End::Draining,
+            None,
+        );
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    let guard = shared.stats.open(dir, peer, dst);
+    let upstream = match connect(dir, dst, shared.connect_timeout).await {
+        Ok(s) => s,
+        Err((end, e)) => {
+            guard.info.cluster().cx_connect_fail.inc();
+            if end == End::ConnectTimeout {
+                stats.connect_timeout.inc();
+            } else {
+                stats.connect_fail.inc();
+            }
+            reset(&client);
+            access_log(dir, peer, Some(dst), (0, 0), Some(started), end, e.as_ref());
+            return;
+        }
+    };
+    guard.info.set_established();
+    let (end, err) = shared
+        .relay
+        .run(&shared.stats, &client, &upstream, &guard.info)
+        .await;
+    match end {
+        End::ClientReset => stats.client_reset.inc(),
+        End::UpstreamReset => stats.upstream_reset.inc(),
+        _ => {}
+    }
+    let bytes = (guard.info.tx_bytes.get(), guard.info.rx_bytes.get());
+    access_log(
+        dir,
+        peer,
+        Some(dst),
+        bytes,
+        Some(started),
+        end,
+        err.as_ref(),
+    );
+}
+
+/// Connects to the original destination; inbound from 127.0.0.6 / ::6, the source the capture
+/// rules let through to the app.
+async fn connect(
+    dir: Direction,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, (End, Option<io::Error>)> {
+    let failed = |e| (End::ConnectFailed, Some(e));
+    let (sock, family) = match dst {
+        SocketAddr::V4(_) => (TcpSocket::new_v4(), Family::V4),
+        SocketAddr::V6(_) => (TcpSocket::new_v6(), Family::V6),
+    };
+    let sock = sock.map_err(failed)?;
+    if dir == Direction::Inbound {
+        let src = SocketAddr::new(family.inbound_source().addr(), 0);
+        sock.bind(src).map_err(failed)?;
+    }
+    sock.set_nodelay(true).map_err(failed)?;
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Err(_) => Err((End::ConnectTimeout, None)),
+        Ok(Err(e)) => Err(failed(e)),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn classifies_original_destinations() {
+        let own = [15001, 15006, 15000];
+        let ips: [IpAddr; 1] = ["10.200.0.2".parse().unwrap()];
+        let local = sa("10.200.0.2:15001");
+        let c = |orig: &str| classify(Ok(sa(orig)), local, &own, &ips);
+        assert_eq!(c("10.200.0.1:80"), Verdict::Forward(sa("10.200.0.1:80")));
+        // A remote's port 15001 is not ours.
+        assert_eq!(
+            c("10.200.0.1:15001"),
+            Verdict::Forward(sa("10.200.0.1:15001"))
+        );
+        assert_eq!(c("10.200.0.2:15001"), Verdict::NotRedirected);
+        assert_eq!(c("127.0.0.1:15006"), Verdict::Loop(sa("127.0.0.1:15006")));
+        assert_eq!(c("10.200.0.2:15000"), Verdict::Loop(sa("10.200.0.2:15000")));
+        let err = classify(Err(io::Error::from_raw_os_error(2)), local, &own, &ips);
+        assert_eq!(err, Verdict::NotRedirected);
+        let l6 = sa("[fd00:5::2]:15006");
+        assert_eq!(
+            classify(Ok(sa("[::1]:15001")), l6, &own, &[]),
+            Verdict::Loop(sa("[::1]:15001"))
+        );
+    }
+}

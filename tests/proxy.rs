@@ -1,0 +1,486 @@
+//! `shunt proxy` in a pod namespace behind shunt's own capture rules, with real traffic to and
+//! from a remote namespace (SPEC §4, §8). Every test makes its own namespaces, so they run in
+//! parallel; every wait is bounded.
+
+mod common;
+mod proxy_support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{accept_within, hp, Topology, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
+use proxy_support::{set_reset_on_close, HttpServer, Pattern, Proxy, APP};
+
+const MIB: u64 = 1 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn app_connect(t: &Topology, addr: &str) -> TcpStream {
+    let s = t
+        .pod
+        .connect_as(APP, APP, addr)
+        .unwrap_or_else(|e| panic!("app connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+#[test]
+fn http_request_from_the_app_goes_through_the_proxy_and_is_counted() {
+    require_netns!();
+    let t = Topology::new();
+    let _www = HttpServer::start(&t.remote, 8080, "hello from the remote\n");
+    let proxy = Proxy::start(&t, &[]);
+
+    for (host, cluster) in [
+        (REMOTE_V4, "outbound|10.200.0.1:8080"),
+        (REMOTE_V6, "outbound|[fd00:5::1]:8080"),
+    ] {
+        let mut s = app_connect(&t, &hp(host, 8080));
+        let req = format!("GET /index.html HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = vec![];
+        s.read_to_end(&mut resp).unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+        assert!(text.ends_with("hello from the remote\n"), "{text}");
+        drop(s);
+
+        // The proxy relayed exactly these bytes to and from this original destination.
+        let c = proxy.wait_cluster(cluster, |c| c["cx_active"] == 0);
+        assert_eq!(c["cx_total"], 1, "{c}");
+        assert_eq!(c["cx_connect_fail"], 0, "{c}");
+        assert_eq!(c["tx_bytes"], req.len() as u64, "{c}");
+        assert_eq!(c["rx_bytes"], resp.len() as u64, "{c}");
+        assert!(proxy
+            .get("/clusters")
+            .contains(&format!("{cluster}::cx_total::1")));
+    }
+    let log = proxy.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("access") && l.contains("dst=10.200.0.1:8080"))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    assert!(
+        line.contains("direction=\"outbound\"") && line.contains("end=\"closed\""),
+        "{line}"
+    );
+    assert!(line.contains("client=10.200.0.2:"), "{line}");
+}
+
+/// 64 MiB each way at the same time through the proxy, verified byte by byte.
+fn bulk(remote_host: &str, pod_listen: &str) {
+    let t = Topology::new();
+    let proxy = Proxy::start(&t, &[]);
+    let server = t.remote.listen(pod_listen);
+    let len = 64 * MIB;
+    let srv = std::thread::spawn(move || {
+        let (s, _) = accept_within(&server, Duration::from_secs(10)).expect("no connection");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || Pattern::new(1).verify(&mut r));
+        let mut w = s;
+        Pattern::new(2).send(&mut w, len).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+        reader.join().unwrap()
+    });
+    let c = app_connect(&t, &hp(remote_host, 9000));
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        Pattern::new(1).send(&mut w, len).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let started = Instant::now();
+    let got = Pattern::new(2).verify(&mut &c);
+    writer.join().unwrap();
+    assert_eq!(got, Ok(len), "download");
+    assert_eq!(srv.join().unwrap(), Ok(len), "upload");
+    eprintln!("64 MiB each way via {remote_host}: {:?}", started.elapsed());
+    let cluster = format!("outbound|{}", hp(remote_host, 9000));
+    let c = proxy.cluster(&cluster).expect("cluster");
+    assert_eq!(
+        (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
+        (Some(len), Some(len))
+    );
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_byte_exact_ipv4() {
+    require_netns!();
+    bulk(REMOTE_V4, "0.0.0.0:9000");
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_byte_exact_ipv6() {
+    require_netns!();
+    bulk(REMOTE_V6, "[::]:9000");
+}
+
+#[test]
+fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
+    require_netns!();
+    let t = Topology::new();
+    let proxy = Proxy::start(&t, &[]);
+    for (listen, pod, source) in [
+        ("0.0.0.0:8080", POD_V4, "127.0.0.6"),
+        ("[::]:8081", POD_V6, "::6"),
+    ] {
+        let app = t.pod.listen(listen);
+        let port = app.local_addr().unwrap().port();
+        let client = t.remote.connect_as(0, 0, &hp(pod, port)).unwrap();
+        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (mut s, peer) = accept_within(&app, Duration::from_secs(5)).expect("app got nothing");
+        assert_eq!(peer.ip().to_string(), source, "the app's peer");
+        (&client).write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        s.write_all(b"pong").unwrap();
+        drop(s);
+        let mut got = vec![];
+        (&client).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pong");
+        let c = proxy
+            .cluster(&format!("inbound|{}", hp(pod, port)))
+            .expect("inbound cluster");
+        assert_eq!(
+            (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
+            (Some(4), Some(4))
+        );
+    }
+}
+
+#[test]
+fn half_close_delivers_the_whole_response_and_resets_propagate() {
+    require_netns!();
+    let t = Topology::new();
+    let proxy = Proxy::start(&t, &[]);
+    let server = t.remote.listen("0.0.0.0:9100");
+    let srv = std::thread::spawn(move || {
+        // 1: read the request to its end, then answer 4 MiB and close.
+        let (mut s, _) = accept_within(&server, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut req = vec![];
+        s.read_to_end(&mut req).unwrap();
+        assert_eq!(req, b"request");
+        Pattern::new(3).send(&mut s, 4 * MIB).unwrap();
+        drop(s);
+        // 2: read a little, then reset.
+        let (mut s, _) = accept_within(&server, Duration::from_secs(10)).unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        set_reset_on_close(&s);
+        drop(s);
+        // 3: the client resets; this side must see a reset, not a clean end.
+        let (mut s, _) = accept_within(&server, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        let mut rest = vec![];
+        s.read_to_end(&mut rest).map_err(|e| e.kind())
+    });
+
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9100));
+    c.write_all(b"request").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        Pattern::new(3).verify(&mut c),
+        Ok(4 * MIB),
+        "after half-close"
+    );
+
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9100));
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 16];
+    let err = c
+        .read(&mut buf)
+        .expect_err("server reset must reach the client");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9100));
+    c.write_all(b"ping").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    set_reset_on_close(&c);
+    drop(c);
+    assert_eq!(
+        srv.join().unwrap(),
+        Err(ErrorKind::ConnectionReset),
+        "client reset"
+    );
+
+    assert_eq!(
+        proxy.wait_stat("outbound.upstream_cx_reset", 1, Duration::from_secs(2)),
+        1
+    );
+    assert_eq!(
+        proxy.wait_stat("outbound.downstream_cx_reset", 1, Duration::from_secs(2)),
+        1
+    );
+    let log = proxy.log_text();
+    assert!(log.contains("end=\"upstream_reset\""), "{log}");
+    assert!(log.contains("end=\"client_reset\""), "{log}");
+}
+
+/// Reads until the proxy drops the connection; how long that took.
+fn time_until_dropped(mut c: TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    match c.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected the proxy to drop the client, got {other:?}"),
+    }
+    started.elapsed()
+}
+
+#[test]
+fn connect_failures_end_within_the_connect_timeout_and_are_counted() {
+    require_netns!();
+    let t = Topology::new();
+    let proxy = Proxy::start(&t, &["--connect-timeout", "1s"]);
+
+    // A closed port: refused at once.
+    let took = time_until_dropped(app_connect(&t, &hp(REMOTE_V4, 9)));
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    let c = proxy.cluster("outbound|10.200.0.1:9").expect("cluster");
+    assert_eq!(
+        (c["cx_connect_fail"].as_u64(), c["cx_active"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(proxy.stat("outbound.upstream_cx_connect_fail"), 1);
+
+    // A silent address on the veth (nobody answers ARP): the connect timeout decides.
+    let took = time_until_dropped(app_connect(&t, "10.200.0.99:80"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "timed out after {took:?}"
+    );
+    let c = proxy.cluster("outbound|10.200.0.99:80").expect("cluster");
+    assert_eq!(c["cx_connect_fail"].as_u64(), Some(1));
+    assert_eq!(proxy.stat("outbound.upstream_cx_connect_timeout"), 1);
+    assert!(proxy.log_text().contains("end=\"connect_timeout\""));
+}
+
+#[test]
+fn connections_to_the_proxy_itself_are_refused_counted_and_cost_nothing() {
+    require_netns!();
+    let t = Topology::new();
+    let _www = HttpServer::start(&t.remote, 8080, "still serving\n");
+    let proxy = Proxy::start(&t, &[]);
+
+    for addr in [
+        "127.0.0.1:15001",
+        "127.0.0.1:15006",
+        "[::1]:15001",
+        &hp(POD_V4, 15006),
+    ] {
+        let took = time_until_dropped(app_connect(&t, addr));
+        assert!(took < Duration::from_secs(1), "{addr}: {took:?}");
+    }
+    // 127.0.0.1:15001 and [::1]:15001 hit the outbound listener, the other two the inbound.
+    assert_eq!(proxy.stat("outbound.downstream_cx_not_redirected"), 2);
+    assert_eq!(proxy.stat("inbound.downstream_cx_not_redirected"), 2);
+    assert!(
+        proxy.get("/clusters").is_empty(),
+        "nothing may be forwarded"
+    );
+    assert!(proxy.log_text().contains("end=\"not_redirected\""));
+
+    // Idle afterwards: no spinning on the refused connections.
+    let before = proxy.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = proxy.cpu_ticks() - before;
+    assert!(spent <= 5, "proxy used {spent} ticks while idle");
+
+    // And it still serves.
+    let mut s = app_connect(&t, &hp(REMOTE_V4, 8080));
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.ends_with("still serving\n"), "{resp}");
+}
+
+#[test]
+fn sigterm_drains_running_transfers_refuses_new_ones_and_exits_zero() {
+    require_netns!();
+    let t = Topology::new();
+    let mut proxy = Proxy::start(&t, &["--drain-timeout", "20s"]);
+    let server = t.remote.listen("0.0.0.0:9200");
+    let late = t.remote.listen("0.0.0.0:9201");
+    let len = 24 * MIB;
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = accept_within(&server, Duration::from_secs(10)).unwrap();
+        // About 2.4 s of sending: 24 chunks of 1 MiB, 100 ms apart.
+        let p = Pattern::new(4);
+        let mut buf = vec![0u8; MIB as usize];
+        for i in 0..24u64 {
+            p.fill(i * MIB, &mut buf);
+            s.write_all(&buf).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9200));
+    let mut first = [0u8; 1];
+    c.read_exact(&mut first).unwrap();
+    proxy.terminate();
+
+    // /ready turns 503 while the transfer still runs.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while proxy.try_get("/ready").map(|r| r.0) != Some(503) {
+        assert!(Instant::now() < deadline, "/ready never turned 503");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // New connections are refused and never reach the destination.
+    match t.pod.connect_as(APP, APP, &hp(REMOTE_V4, 9201)) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
+        Ok(s) => {
+            let _ = time_until_dropped(s);
+        }
+    }
+    assert!(accept_within(&late, Duration::from_millis(300)).is_none());
+
+    // The running transfer completes.
+    let mut rest = vec![];
+    c.read_to_end(&mut rest).unwrap();
+    drop(c);
+    assert_eq!(rest.len() as u64 + 1, len);
+    let mut want = vec![0u8; len as usize];
+    Pattern::new(4).fill(0, &mut want);
+    assert!(
+        first[..] == want[..1] && rest[..] == want[1..],
+        "bytes differ"
+    );
+    srv.join().unwrap();
+
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("proxy did not exit");
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
+    assert!(proxy.log_text().contains("drained"));
+}
+
+#[test]
+fn every_admin_endpoint_answers_and_prometheus_text_parses() {
+    require_netns!();
+    let t = Topology::new();
+    let _www = HttpServer::start(&t.remote, 8080, "x\n");
+    let proxy = Proxy::start(&t, &[]);
+    // One finished and one open connection, so every listing has content.
+    let mut s = app_connect(&t, &hp(REMOTE_V4, 8080));
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut sink = vec![];
+    s.read_to_end(&mut sink).unwrap();
+    drop(s);
+    proxy.wait_cluster("outbound|10.200.0.1:8080", |c| c["cx_active"] == 0);
+    let server = t.remote.listen("0.0.0.0:9300");
+    let held = app_connect(&t, &hp(REMOTE_V4, 9300));
+    let _accepted = accept_within(&server, Duration::from_secs(5)).expect("held connection");
+
+    assert!(proxy.get("/help").contains("/stats/prometheus"));
+    assert_eq!(proxy.get("/ready"), "LIVE\n");
+    assert!(proxy
+        .get("/stats")
+        .contains("outbound.downstream_cx_total: 2"));
+    let stats = proxy.json("/stats?format=json");
+    assert_eq!(stats["stats"]["outbound.downstream_cx_active"], 1);
+    assert!(proxy
+        .get("/clusters")
+        .contains("outbound|10.200.0.1:8080::cx_total::1"));
+    let dump = proxy.json("/config_dump");
+    assert_eq!(dump["proxy"]["outbound_port"], 15001);
+    assert_eq!(dump["proxy"]["connect_timeout_ms"], 5000);
+    let rules = dump["capture_rules"].to_string();
+    assert!(
+        rules.contains("SHUNT_") && rules.contains("REDIRECT"),
+        "{rules}"
+    );
+    let conns = proxy.json("/connections?format=json");
+    let list = conns["connections"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{conns}");
+    assert_eq!(list[0]["dst"], "10.200.0.1:9300");
+    assert_eq!(list[0]["client"], held.local_addr().unwrap().to_string());
+    assert!(proxy.get("/connections").contains("10.200.0.1:9300"));
+    assert_eq!(proxy.request("POST", "/stats").map(|r| r.0), Some(405));
+    assert_eq!(proxy.try_get("/nope").map(|r| r.0), Some(404));
+
+    let prom = proxy.get("/stats/prometheus");
+    let python = "/usr/bin/python3";
+    let probe = std::process::Command::new(python)
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED prometheus parse: {python} has no prometheus_client (apt-get install python3-prometheus-client)");
+        return;
+    }
+    let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\nfor f in parse(sys.stdin.read()):\n    for s in f.samples:\n        print(f.type, s.name, sorted(s.labels.items()), s.value)\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(prom.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let parsed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{prom}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        parsed.contains("counter shunt_downstream_cx_total [('direction', 'outbound')] 2.0"),
+        "{parsed}"
+    );
+    assert!(
+        parsed.contains("gauge shunt_cluster_cx_active [('direction', 'outbound'), ('dst', '10.200.0.1:9300')] 1.0"),
+        "{parsed}"
+    );
+    drop(held);
+}
+
+#[test]
+fn bad_flags_are_refused_naming_the_value() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::SHUNT)
+            .arg("proxy")
+            .args(args)
+            .env_remove("SHUNT_PROXY_ADMIN_ADDR")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--outbound-port", "70000"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("70000") && err.contains("--outbound-port"),
+        "{err}"
+    );
+    let (code, err) = run(&["--user", "-5"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("-5"), "{err}");
+    let (code, err) = run(&["--connect-timeout", "soon"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("soon"), "{err}");
+    let (code, err) = run(&["--mode", "tproxy"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("tproxy"), "{err}");
+    let (code, err) = run(&["--inbound-port", "15001"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("15001"), "{err}");
+    // The same flag from the environment.
+    let out = std::process::Command::new(common::SHUNT)
+        .args(["proxy"])
+        .env("SHUNT_PROXY_OUTBOUND_PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
