@@ -351,29 +351,30 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         )
     });
 
-    // 3. Packet counters of shunt's jumps and NAT rules.
+    // 3. Packet counters of shunt's jumps and NAT rules (nat counts a connection's first
+    // packet only, so these are connection counts).
     let mut counts = Vec::new();
     for f in plan.families().map(|r| r.family) {
         let Some(text) = save_with_counters(backend, f, ns) else {
             continue;
         };
-        for (table, chain, args, packets) in parse_counters(&text) {
-            let jump = rules::SavedRule {
+        let mut items = Vec::new();
+        for (_, chain, args, packets) in parse_counters(&text) {
+            let rule = rules::SavedRule {
                 chain: chain.clone(),
                 args: args.clone(),
             };
-            let into_shunt = jump.target_chain().is_some_and(rules::is_shunt_chain)
-                && !rules::is_shunt_chain(&chain);
-            let nat = rules::is_shunt_chain(&chain)
-                && args.iter().any(|a| a == "REDIRECT" || a == "TPROXY");
-            if into_shunt || nat {
-                let what = if nat {
-                    format!("{chain} {}", args[args.len().saturating_sub(3)..].join(" "))
-                } else {
-                    format!("{table} {chain} -> {}", jump.target_chain().unwrap_or("?"))
-                };
-                counts.push(format!("{} {what}: {packets} packets", f.name()));
+            let target = rule.target_chain().unwrap_or_default();
+            if rules::is_shunt_chain(target) && !rules::is_shunt_chain(&chain) {
+                items.push(format!("{chain} -> {target} {packets}"));
+            } else if rules::is_shunt_chain(&chain) && (target == "REDIRECT" || target == "TPROXY")
+            {
+                let port = args.last().cloned().unwrap_or_default();
+                items.push(format!("{target} :{port} {packets}"));
             }
+        }
+        if !items.is_empty() {
+            counts.push(format!("{}: {}", f.name(), items.join(", ")));
         }
     }
     checks.push(if counts.is_empty() {
@@ -387,7 +388,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             "counters",
             Status::Ok,
             format!(
-                "packets so far (first packets of connections only, nat):\n      {}",
+                "connections seen by shunt's rules:\n      {}",
                 counts.join("\n      ")
             ),
         )

@@ -402,7 +402,7 @@ pub fn run_validate(args: ValidateArgs) -> Result<i32, crate::Error> {
                 ),
             };
             print(&format!(
-                "validate: {how}; connected to {} as uid {} gid {}\n{}: {} ({} ms)\n",
+                "validate: {how}; dialled {} as uid {} gid {}\n{}: {} ({} ms)\n",
                 v.target,
                 v.uid,
                 v.gid,

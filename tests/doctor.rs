@@ -1,0 +1,175 @@
+//! `shunt doctor` in namespaces the tests make: each fault in its own namespace is flagged,
+//! and a healthy pod (rules applied, the test standing in for the proxy on 15001 and 15006)
+//! is all ok.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Output;
+
+use common::*;
+
+fn apply(ns: &Ns, args: &[&str]) {
+    let mut all = vec!["apply"];
+    all.extend_from_slice(args);
+    let out = ns.shunt(&all);
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn doctor(ns: &Ns, args: &[&str]) -> (Output, String) {
+    let mut all = vec!["doctor"];
+    all.extend_from_slice(args);
+    let out = ns.shunt(&all);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+/// The line of one check, e.g. `FAIL listen-outbound nothing listens ...`.
+fn line<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.get(5..).is_some_and(|rest| rest.starts_with(name)))
+        .unwrap_or_else(|| panic!("no {name} line in:\n{text}"))
+}
+
+/// Listeners standing in for the proxy.
+fn proxy_ports(ns: &Ns, ports: &[u16]) -> Vec<TcpListener> {
+    ports
+        .iter()
+        .map(|p| ns.listen(&format!("[::]:{p}")))
+        .collect()
+}
+
+#[test]
+fn healthy_pod_is_all_ok() {
+    require_netns!();
+    let t = Topology::new();
+    apply(&t.pod, &[]);
+    let _proxy = proxy_ports(&t.pod, &[15001, 15006]);
+    let (out, text) = doctor(&t.pod, &[]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for l in text.lines().filter(|l| !l.starts_with("     ")) {
+        assert!(l.starts_with("ok "), "not ok: {l}\n{text}");
+    }
+    for name in [
+        "backend",
+        "chains-v4",
+        "chains-v6",
+        "plan",
+        "counters",
+        "listen-outbound",
+        "listen-inbound",
+        "ipv6",
+    ] {
+        line(&text, name);
+    }
+    let (out, _) = doctor(&t.pod, &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["status"] == "ok"));
+}
+
+#[test]
+fn nothing_listening_on_the_capture_port_fails() {
+    require_netns!();
+    let ns = Ns::new("doc-listen");
+    apply(&ns, &[]);
+    let _inbound_only = proxy_ports(&ns, &[15006]);
+    let (out, text) = doctor(&ns, &[]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "listen-outbound");
+    assert!(l.starts_with("FAIL"), "{text}");
+    assert!(l.contains("nothing listens on port 15001"), "{text}");
+    assert!(text.contains("fix: start the proxy"), "{text}");
+    assert!(line(&text, "listen-inbound").starts_with("ok"), "{text}");
+}
+
+#[test]
+fn a_removed_jump_fails() {
+    require_netns!();
+    let ns = Ns::new("doc-jump");
+    apply(&ns, &["--ipv6", "off"]);
+    let _proxy = proxy_ports(&ns, &[15001, 15006]);
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-D",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "SHUNT_OUTPUT",
+    ]);
+    let (out, text) = doctor(&ns, &["--ipv6", "off"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "chains-v4");
+    assert!(l.starts_with("FAIL"), "{text}");
+    assert!(l.contains("jump OUTPUT -> SHUNT_OUTPUT"), "{text}");
+    assert!(line(&text, "plan").starts_with("FAIL"), "{text}");
+    assert!(text.contains("fix: run `shunt apply`"), "{text}");
+    let (out, _) = doctor(&ns, &["--ipv6", "off", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+}
+
+#[test]
+fn rules_in_both_backends_warn() {
+    require_netns!();
+    let ns = Ns::new("doc-mix");
+    apply(&ns, &["--backend", "nft"]);
+    let _proxy = proxy_ports(&ns, &[15001, 15006]);
+    ns.must(&[
+        "iptables-legacy",
+        "-w",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "22",
+        "-j",
+        "ACCEPT",
+    ]);
+    let (out, text) = doctor(&ns, &[]);
+    let l = line(&text, "backend");
+    assert!(l.starts_with("warn"), "{text}");
+    assert!(l.contains("both the nft and the legacy"), "{text}");
+    assert!(l.contains("shunt's are in nft"), "{text}");
+    // A warning alone does not fail the doctor.
+    assert_eq!(out.status.code(), Some(0), "{text}");
+}
+
+#[test]
+fn ipv6_on_without_ipv6_rules_fails() {
+    require_netns!();
+    let t = Topology::new();
+    apply(&t.pod, &["--ipv6", "off"]);
+    let _proxy = proxy_ports(&t.pod, &[15001, 15006]);
+    let (out, text) = doctor(&t.pod, &[]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "ipv6");
+    assert!(l.starts_with("FAIL"), "{text}");
+    assert!(l.contains("fd00:5::2"), "{text}");
+    assert!(l.contains("bypasses the proxy"), "{text}");
+    // Told that IPv6 capture is off on purpose, it only warns.
+    let (_, text) = doctor(&t.pod, &["--ipv6", "off"]);
+    assert!(line(&text, "ipv6").starts_with("warn"), "{text}");
+}
+
+#[test]
+fn no_rules_at_all_fails() {
+    require_netns!();
+    let ns = Ns::new("doc-empty");
+    let (out, text) = doctor(&ns, &["--ipv6", "off"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(line(&text, "backend").starts_with("FAIL"), "{text}");
+    assert!(line(&text, "chains-v4").contains("missing"), "{text}");
+}
