@@ -60,6 +60,7 @@ fn healthy_pod_is_all_ok() {
         "chains-v6",
         "plan",
         "counters",
+        "explain",
         "listen-outbound",
         "listen-inbound",
         "ipv6",
@@ -115,6 +116,10 @@ fn a_removed_jump_fails() {
     assert!(l.contains("jump OUTPUT -> SHUNT_OUTPUT"), "{text}");
     assert!(line(&text, "plan").starts_with("FAIL"), "{text}");
     assert!(text.contains("fix: run `shunt apply`"), "{text}");
+    // No rule sends an app's connection to the proxy any more.
+    let l = line(&text, "explain");
+    assert!(l.starts_with("FAIL"), "{text}");
+    assert!(l.contains("accepted"), "{text}");
     let (out, _) = doctor(&ns, &["--ipv6", "off", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
@@ -172,4 +177,33 @@ fn no_rules_at_all_fails() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(line(&text, "backend").starts_with("FAIL"), "{text}");
     assert!(line(&text, "chains-v4").contains("missing"), "{text}");
+}
+
+#[test]
+fn a_foreign_rule_that_pre_empts_shunt_fails_explain() {
+    require_netns!();
+    let t = Topology::new();
+    apply(&t.pod, &["--ipv6", "off"]);
+    let _proxy = proxy_ports(&t.pod, &[15001, 15006]);
+    // Another tool inserts an ACCEPT before shunt's jump: shunt's own rules are intact
+    // (check and the plan comparison are happy), but nothing is captured any more.
+    t.pod.must(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-I",
+        "OUTPUT",
+        "1",
+        "-p",
+        "tcp",
+        "-j",
+        "ACCEPT",
+    ]);
+    let (out, text) = doctor(&t.pod, &["--ipv6", "off"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(line(&text, "plan").starts_with("ok"), "{text}");
+    let l = line(&text, "explain");
+    assert!(l.starts_with("FAIL"), "{text}");
+    assert!(l.contains("accepted"), "{text}");
+    assert!(l.contains("nat OUTPUT#1"), "{text}");
 }

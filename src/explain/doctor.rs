@@ -359,7 +359,11 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             continue;
         };
         let mut items = Vec::new();
+        let mut position: std::collections::HashMap<String, usize> = Default::default();
         for (_, chain, args, packets) in parse_counters(&text) {
+            let index = position.entry(chain.clone()).or_default();
+            *index += 1;
+            let index = *index;
             let rule = rules::SavedRule {
                 chain: chain.clone(),
                 args: args.clone(),
@@ -371,6 +375,8 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             {
                 let port = args.last().cloned().unwrap_or_default();
                 items.push(format!("{target} :{port} {packets}"));
+            } else if rules::is_shunt_chain(&chain) && packets > 0 {
+                items.push(format!("{chain}#{index} ({}) {packets}", join_args(&args)));
             }
         }
         if !items.is_empty() {
@@ -394,9 +400,83 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         )
     });
 
-    // 4. Something listens on the capture ports.
-    let ls = listeners(ns)?;
+    // 4. What the installed rules do with an app's new connection (explain), which catches
+    // another tool's rules that pre-empt shunt's.
+    let host = super::host_of(ns);
     let outbound_on = !cfg.outbound_cidrs.is_empty() || !cfg.outbound_ports.is_empty();
+    if outbound_on {
+        if let Ok(target) = super::validate::default_target(cfg) {
+            let uid = super::validate::first_free(&cfg.proxy_uid);
+            let gid = super::validate::first_free(&cfg.proxy_gid);
+            let saved = saves
+                .iter()
+                .find(|(b, f, _)| *b == backend && *f == Family::V4)
+                .map(|(_, _, s)| s.clone())
+                .unwrap_or_default();
+            let mut q = super::Query::new(super::Direction::Out, super::Proto::Tcp, target);
+            q.uid = Some(uid);
+            q.gid = Some(gid);
+            let e = super::explain(&super::Tables::from_saved(&saved), &host, &q);
+            let what = format!("a new connection from uid {uid} to {target}");
+            let path: Vec<String> = e
+                .trace
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} {}#{}",
+                        t.table,
+                        t.chain,
+                        t.index.map(|i| i.to_string()).unwrap_or("policy".into())
+                    )
+                })
+                .collect();
+            checks.push(match (e.verdict, e.to_port) {
+                (super::Verdict::Redirect, Some(p)) if p == cfg.proxy_port => check(
+                    "explain",
+                    Status::Ok,
+                    format!("{what} is redirected to :{p}"),
+                ),
+                (super::Verdict::Unknown, _) => {
+                    let why = e
+                        .notes
+                        .iter()
+                        .chain(e.uncertain.iter().map(|u| &u.reason))
+                        .next()
+                        .cloned()
+                        .unwrap_or_default();
+                    check(
+                        "explain",
+                        Status::Warn,
+                        format!("cannot tell what happens to {what}: {why}"),
+                    )
+                    .hint(format!(
+                        "shunt explain --netns PATH out tcp {target} --uid {uid} --gid {gid}"
+                    ))
+                }
+                _ => check(
+                    "explain",
+                    Status::Fail,
+                    format!(
+                        "{what} is {} instead of redirected to :{} (path: {})",
+                        super::report::headline(&e),
+                        cfg.proxy_port,
+                        if path.is_empty() {
+                            "no rule matched".to_string()
+                        } else {
+                            path.join(" -> ")
+                        }
+                    ),
+                )
+                .hint(format!(
+                    "see `shunt explain --netns PATH out tcp {target} --uid {uid} --gid {gid}`; \
+                     another tool's rules may come before shunt's"
+                )),
+            });
+        }
+    }
+
+    // 5. Something listens on the capture ports.
+    let ls = listeners(ns)?;
     let inbound_on = !cfg.inbound_ports.is_empty() && cfg.exclude_inbound_ports != Set::All;
     for (port, what, flag, on) in [
         (cfg.proxy_port, "outbound", "--proxy-port", outbound_on),
@@ -444,12 +524,11 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         });
     }
 
-    // 5. IPv6 enabled without IPv6 rules lets IPv6 traffic bypass the proxy.
+    // 6. IPv6 enabled without IPv6 rules lets IPv6 traffic bypass the proxy.
     let v6_on = ipv6_enabled(ns)?;
     let v6_rules = saves
         .iter()
         .any(|(b, f, s)| *b == backend && *f == Family::V6 && holds_shunt(s));
-    let host = super::host_of(ns);
     let v6_addrs: Vec<String> = host
         .addrs
         .iter()

@@ -95,6 +95,8 @@ pub struct Host {
     pub known: bool,
     pub addrs: Vec<HostAddr>,
     pub routes: Vec<Route>,
+    /// Routes exist in tables other than main and local (policy routing, not modelled).
+    pub other_tables: bool,
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -941,6 +943,13 @@ fn walk(tables: &Tables, host: &Host, q: &Query, start: &Pkt, choices: &[bool]) 
 /// Walks the packet through `tables` and explains where it goes.
 pub fn explain(tables: &Tables, host: &Host, q: &Query) -> Explanation {
     let (start, mut notes) = prepare(host, q);
+    if host.other_tables {
+        notes.push(
+            "the namespace has routes in other tables (policy routing): interfaces come from \
+             the main table only"
+                .into(),
+        );
+    }
     let first = walk(tables, host, q, &start, &[]);
     let mut outcomes = vec![first.outcome.clone()];
     let mut queue: Vec<Vec<bool>> = (0..first.taken.len())

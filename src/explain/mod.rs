@@ -360,6 +360,7 @@ pub fn host_from_json(
         for r in routes.as_array().into_iter().flatten() {
             let table = r["table"].as_str().unwrap_or("main");
             if table != "main" && table != "local" {
+                host.other_tables = true;
                 continue;
             }
             let dst = match r["dst"].as_str() {

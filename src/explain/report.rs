@@ -32,6 +32,9 @@ pub fn headline(e: &Explanation) -> String {
         Verdict::Redirect | Verdict::Tproxy | Verdict::Dnat => {
             let _ = write!(s, " (original destination {})", e.original_dst);
         }
+        Verdict::Accept if e.delivery == "unknown" => {
+            let _ = write!(s, " (to {}, no route to it is known)", e.final_dst);
+        }
         Verdict::Accept => {
             let _ = write!(s, ": {} to {}", e.delivery, e.final_dst);
         }

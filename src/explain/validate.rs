@@ -85,7 +85,7 @@ fn in_ranges(ranges: &[IdRange], id: u32) -> bool {
     ranges.iter().any(|r| r.first <= id && id <= r.last)
 }
 
-fn first_free(ranges: &[IdRange]) -> u32 {
+pub fn first_free(ranges: &[IdRange]) -> u32 {
     (1000..u32::MAX)
         .find(|id| !in_ranges(ranges, *id))
         .unwrap_or(1000)
