@@ -9,6 +9,10 @@ const ISTIO: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/explain/istio-style.v4.rules"
 );
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/explain/istio-script.rules"
+);
 const LINKERD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/explain/linkerd-style.v4.rules"
@@ -248,4 +252,36 @@ fn usage_errors_name_the_value_and_exit_2() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/rules"));
+}
+
+#[test]
+fn restore_scripts_with_inserts_are_replayed_in_order() {
+    // PREROUTING ends up as: eth1 -> MESH_REDIRECT, eth2 RETURN, eth2 -> MESH_REDIRECT,
+    // eth1 RETURN, -p tcp -> MESH_INBOUND.
+    let run = |iface: &str, port: &str| {
+        json(&[
+            "explain",
+            "--rules",
+            SCRIPT,
+            "in",
+            "tcp",
+            &format!("10.0.0.2:{port}"),
+            "--src",
+            "10.0.0.9",
+            "--iface",
+            iface,
+        ])
+    };
+    let v = run("eth1", "80");
+    assert_eq!(v["verdict"], "redirect");
+    assert_eq!(v["to_port"], 15001);
+    assert_eq!(v["trace"][0]["index"], 1);
+    let v = run("eth2", "80");
+    assert_eq!(v["verdict"], "accept");
+    assert_eq!(v["trace"][0]["index"], 2);
+    assert_eq!(v["trace"][0]["rule"], "-i eth2 -j RETURN");
+    let v = run("eth0", "80");
+    assert_eq!(v["to_port"], 15006);
+    assert_eq!(v["trace"][0]["index"], 5);
+    assert_eq!(run("eth0", "15008")["verdict"], "accept");
 }

@@ -33,7 +33,7 @@ const IDS: &[(u32, u32)] = &[
     (2102, 2102),
     (2005, 2005),
 ];
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(400);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Got {

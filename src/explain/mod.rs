@@ -186,7 +186,10 @@ pub fn split_families(saved: Saved) -> (Saved, Option<Saved>) {
 }
 
 /// Parses rules text leniently: lines outside a table that are not a table header (a tool's
-/// banner such as `iptables-save`) are skipped.
+/// banner such as `iptables-save`) are skipped. `iptables-save` output goes through the
+/// shared parser; when that refuses the text, it is read as an `iptables-restore` script
+/// (`-N`, `-I CHAIN [N]`, `-P`, `-D`, `-F`, `-X`, as Istio's goldens are written) and
+/// replayed in order.
 pub fn parse_rules_text(text: &str) -> Result<Saved, rules::ParseError> {
     let mut kept = String::new();
     let mut inside = false;
@@ -203,7 +206,100 @@ pub fn parse_rules_text(text: &str) -> Result<Saved, rules::ParseError> {
             inside = false;
         }
     }
-    rules::parse(&kept)
+    rules::parse(&kept).or_else(|strict| parse_restore_script(&kept).map_err(|_| strict))
+}
+
+/// Replays an `iptables-restore` script into the tables it would leave behind.
+pub fn parse_restore_script(text: &str) -> Result<Saved, rules::ParseError> {
+    use crate::rules::{SavedRule, SavedTable};
+    let mut saved = Saved::default();
+    let mut cur: Option<SavedTable> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        let err = |reason: &str| rules::ParseError {
+            line: i + 1,
+            reason: format!("{reason}: {line:?}"),
+        };
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('*') {
+            cur = Some(SavedTable {
+                name: name.trim().to_string(),
+                ..Default::default()
+            });
+            continue;
+        }
+        if line == "COMMIT" {
+            saved
+                .tables
+                .push(cur.take().ok_or_else(|| err("COMMIT outside a table"))?);
+            continue;
+        }
+        let t = cur.as_mut().ok_or_else(|| err("rule outside a table"))?;
+        let declare = |t: &mut SavedTable, name: &str, policy: &str| match t
+            .chains
+            .iter_mut()
+            .find(|(n, _)| n == name)
+        {
+            Some(c) => c.1 = policy.to_string(),
+            None => t.chains.push((name.to_string(), policy.to_string())),
+        };
+        if let Some(decl) = line.strip_prefix(':') {
+            let mut p = decl.split_whitespace();
+            let name = p.next().ok_or_else(|| err("chain without a name"))?;
+            declare(t, name, p.next().unwrap_or("-"));
+            continue;
+        }
+        let mut args = rules::tokenize(line).map_err(|e| err(&e))?;
+        if args.first().is_some_and(|a| a.starts_with('[')) {
+            args.remove(0);
+        }
+        if args.len() < 2 {
+            return Err(err("expected a command and a chain"));
+        }
+        let chain = args[1].clone();
+        let rest = args.split_off(2);
+        // Rule positions within `chain`, in table order.
+        let positions: Vec<usize> = (0..t.rules.len())
+            .filter(|&k| t.rules[k].chain == chain)
+            .collect();
+        match args[0].as_str() {
+            "-A" | "--append" => t.rules.push(SavedRule { chain, args: rest }),
+            "-I" | "--insert" => {
+                let (n, rule) = match rest.first().and_then(|a| a.parse::<usize>().ok()) {
+                    Some(n) => (n.max(1), rest[1..].to_vec()),
+                    None => (1, rest),
+                };
+                let at = positions
+                    .get(n - 1)
+                    .copied()
+                    .unwrap_or_else(|| positions.last().map_or(t.rules.len(), |p| p + 1));
+                t.rules.insert(at, SavedRule { chain, args: rule });
+            }
+            "-D" | "--delete" => {
+                let k = match rest.first().and_then(|a| a.parse::<usize>().ok()) {
+                    Some(n) if rest.len() == 1 => positions.get(n.wrapping_sub(1)).copied(),
+                    _ => positions.into_iter().find(|&k| t.rules[k].args == rest),
+                };
+                if let Some(k) = k {
+                    t.rules.remove(k);
+                }
+            }
+            "-N" | "--new-chain" => declare(t, &chain, "-"),
+            "-P" | "--policy" => declare(t, &chain, rest.first().map_or("ACCEPT", |p| p)),
+            "-F" | "--flush" => t.rules.retain(|r| r.chain != chain),
+            "-X" | "--delete-chain" => t.chains.retain(|(n, _)| *n != chain),
+            _ => return Err(err("expected -A, -I, -D, -N, -P, -F or -X")),
+        }
+    }
+    if cur.is_some() {
+        return Err(rules::ParseError {
+            line: text.lines().count(),
+            reason: "missing COMMIT at end of input".into(),
+        });
+    }
+    Ok(saved)
 }
 
 /// Does any address in the rules belong to `family`? (`None` when no rule names one.)
