@@ -63,3 +63,9 @@ echo "shunt apply vs bare restore, nft backend, fresh namespace each run, median
 bench "default plan (v4+v6)" ""
 bench "default plan, --backend auto" "" "--backend auto"
 bench "1,000 excluded CIDRs" "--exclude-outbound-cidrs ${cidrs%,}"
+
+# render: process start to exit, against /bin/true started the same way (SPEC §9: a few ms).
+loop() { local t0; t0=$(now); for ((i = 0; i < 200; i++)); do "$@" >/dev/null; done; echo $(( ($(now) - t0) / 200 )); }
+r=$(loop "$SHUNT" render); t=$(loop /bin/true)
+printf 'shunt render (default plan)   %.2f ms per process (start to exit); /bin/true %.2f ms\n' \
+  "$(echo "$r/1000000" | bc -l)" "$(echo "$t/1000000" | bc -l)"
