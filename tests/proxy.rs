@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{accept_within, hp, Topology, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
-use proxy_support::{set_reset_on_close, HttpServer, Pattern, Proxy, APP};
+use proxy_support::{echo, echo_server, set_reset_on_close, HttpServer, Pattern, Proxy, APP};
 
 const MIB: u64 = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -442,6 +442,88 @@ fn every_admin_endpoint_answers_and_prometheus_text_parses() {
         "{parsed}"
     );
     drop(held);
+}
+
+#[test]
+fn max_connections_refuses_the_extra_ones_and_recovers() {
+    require_netns!();
+    let t = Topology::new();
+    let proxy = Proxy::start(&t, &["--max-connections", "2"]);
+    let _echo = echo_server(t.remote.listen("0.0.0.0:9400"), Duration::from_secs(20));
+    let a = app_connect(&t, &hp(REMOTE_V4, 9400));
+    let b = app_connect(&t, &hp(REMOTE_V4, 9400));
+    echo(&a, b"a").unwrap();
+    echo(&b, b"b").unwrap();
+    let took = time_until_dropped(app_connect(&t, &hp(REMOTE_V4, 9400)));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(proxy.stat("outbound.downstream_cx_overflow"), 1);
+    assert!(proxy.log_text().contains("end=\"overflow\""));
+    drop(a);
+    proxy.wait_cluster("outbound|10.200.0.1:9400", |c| c["cx_active"] == 1);
+    let c = app_connect(&t, &hp(REMOTE_V4, 9400));
+    echo(&c, b"again").unwrap();
+    echo(&b, b"still").unwrap();
+}
+
+#[test]
+fn descriptor_exhaustion_backs_off_without_spinning_and_recovers() {
+    require_netns!();
+    let t = Topology::new();
+    t.pod.shunt(&["apply"]);
+    // 64 descriptors: about 25 connections' worth once the runtime and listeners are open.
+    let proxy = Proxy::start_wrapped(
+        &t.pod,
+        &["prlimit", "--nofile=64:64"],
+        &["--max-connections", "1000"],
+    );
+    let _echo = echo_server(t.remote.listen("0.0.0.0:9500"), Duration::from_secs(30));
+    let mut clients: Vec<TcpStream> = (0..60)
+        .map(|_| app_connect(&t, &hp(REMOTE_V4, 9500)))
+        .collect();
+    let served = clients
+        .iter()
+        .filter(|c| {
+            c.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            echo(c, b"x").is_ok()
+        })
+        .count();
+    assert!(
+        served > 5 && served < 60,
+        "{served} of 60 served under a 64-descriptor limit"
+    );
+    let errors = proxy.wait_stat("server.accept_errors", 1, Duration::from_secs(3));
+    assert!(errors >= 1, "accept never hit EMFILE");
+    // Out of descriptors with connections still queued: the back-off keeps the CPU idle.
+    let before = proxy.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = proxy.cpu_ticks() - before;
+    assert!(
+        spent <= 10,
+        "proxy used {spent} ticks while out of descriptors"
+    );
+    assert!(
+        proxy.log_text().contains("accept failed"),
+        "{}",
+        proxy.log_text()
+    );
+    // Descriptors come back: new connections are served again.
+    clients.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = app_connect(&t, &hp(REMOTE_V4, 9500));
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        if echo(&c, b"back").is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered:\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(proxy.stat("outbound.downstream_cx_not_redirected"), 0);
 }
 
 #[test]

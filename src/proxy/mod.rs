@@ -148,9 +148,12 @@ pub struct ProxyArgs {
     /// How bytes are moved: splice (zero-copy through a pooled pipe) or copy (pooled buffer)
     #[arg(long, value_enum, env = "SHUNT_PROXY_RELAY", default_value_t)]
     pub relay: RelayMode,
-    /// Pipe size (splice) or buffer size (copy) in bytes; 0 = 64 KiB pipes, 16 KiB buffers
-    #[arg(long, env = "SHUNT_PROXY_RELAY_BUFFER", default_value_t = 0)]
+    /// Size of the pooled relay buffers, in bytes
+    #[arg(long, env = "SHUNT_PROXY_RELAY_BUFFER", default_value_t = 16 << 10)]
     pub relay_buffer: usize,
+    /// Size of the pooled splice pipes, in bytes (0 = the kernel default, 64 KiB)
+    #[arg(long, env = "SHUNT_PROXY_PIPE_SIZE", default_value_t = 0)]
+    pub pipe_size: usize,
     /// Worker threads: 1 runs everything on one thread (best for a sidecar on a core or two)
     #[arg(long, env = "SHUNT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -191,10 +194,16 @@ impl ProxyArgs {
                 self.workers
             )));
         }
-        if self.relay_buffer != 0 && !(4096..=(16 << 20)).contains(&self.relay_buffer) {
+        if !(1024..=(16 << 20)).contains(&self.relay_buffer) {
             return Err(ProxyError::Config(format!(
-                "--relay-buffer {} is out of range (0, or 4096 to 16777216)",
+                "--relay-buffer {} is out of range (1024 to 16777216)",
                 self.relay_buffer
+            )));
+        }
+        if self.pipe_size != 0 && !(4096..=(16 << 20)).contains(&self.pipe_size) {
+            return Err(ProxyError::Config(format!(
+                "--pipe-size {} is out of range (0, or 4096 to 16777216)",
+                self.pipe_size
             )));
         }
         if self.max_connections == Some(0) {
@@ -219,6 +228,7 @@ impl ProxyArgs {
             "max_connections": max_connections,
             "relay": self.relay,
             "relay_buffer": self.relay_buffer,
+            "pipe_size": self.pipe_size,
             "workers": self.workers,
             "inbound_source": ["127.0.0.6", "::6"],
         })
@@ -336,7 +346,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         .unwrap_or_else(|| nofile.saturating_sub(256).max(64) / 2);
     let shared = Arc::new(Shared {
         stats: Arc::new(Stats::default()),
-        relay: relay::Relay::new(args.relay, args.relay_buffer),
+        relay: relay::Relay::new(args.relay, args.relay_buffer, args.pipe_size),
         own_ports: vec![args.outbound_port, args.inbound_port, admin_addr.port()],
         local_ips: local_ips(),
         connect_timeout: args.connect_timeout,

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use nix::sys::socket::{shutdown, Shutdown};
+use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -27,10 +27,11 @@ const ROUNDS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
-    /// splice(2) through a pooled pipe: the bytes never enter user space.
+    /// Bulk streams through splice(2) and a pooled pipe (the bytes never enter user space);
+    /// small messages through a pooled buffer.
     #[default]
     Splice,
-    /// read/write through a pooled user-space buffer.
+    /// Everything through a pooled user-space buffer.
     Copy,
 }
 
@@ -47,17 +48,20 @@ enum PumpError {
 
 pub struct Relay {
     mode: RelayMode,
-    /// Copy mode buffer size; splice mode pipe size (0 = the kernel default, 64 KiB).
-    size: usize,
+    /// User-space buffer size.
+    buf_size: usize,
+    /// Pipe size (0 = the kernel default, 64 KiB).
+    pipe_size: usize,
     pipes: Mutex<Vec<Pipe>>,
     bufs: Mutex<Vec<Box<[u8]>>>,
 }
 
 impl Relay {
-    pub fn new(mode: RelayMode, size: usize) -> Relay {
+    pub fn new(mode: RelayMode, buf_size: usize, pipe_size: usize) -> Relay {
         Relay {
             mode,
-            size,
+            buf_size,
+            pipe_size,
             pipes: Mutex::new(Vec::new()),
             bufs: Mutex::new(Vec::new()),
         }
@@ -108,17 +112,21 @@ impl Relay {
         dst: &TcpStream,
         count: impl Fn(u64),
     ) -> Result<(), PumpError> {
+        // Small messages go through a buffer (read + write, no wasted EAGAIN read); once a read
+        // fills the buffer the stream is bulk and, in splice mode, moves through a pipe.
+        let mut bulk = false;
         loop {
             src.readable().await.map_err(PumpError::Read)?;
-            let done = match self.mode {
-                RelayMode::Splice => match self.take_pipe(stats) {
+            let (eof, still_bulk) = match (bulk, self.mode) {
+                (true, RelayMode::Splice) => match self.take_pipe(stats) {
                     Ok(pipe) => self.splice_round(src, dst, pipe, &count).await?,
                     // No descriptors left for a pipe (EMFILE): copy this round instead.
                     Err(_) => self.copy_round(stats, src, dst, &count).await?,
                 },
-                RelayMode::Copy => self.copy_round(stats, src, dst, &count).await?,
+                _ => self.copy_round(stats, src, dst, &count).await?,
             };
-            if done {
+            bulk = still_bulk;
+            if eof {
                 // End of stream from src: pass the half-close on.
                 let _ = shutdown(dst.as_raw_fd(), Shutdown::Write);
                 return Ok(());
@@ -126,24 +134,31 @@ impl Relay {
         }
     }
 
-    /// Moves what src has through a pipe; true at end of stream.
+    /// Moves what src has through a pipe: (end of stream, still bulk).
     async fn splice_round(
         &self,
         src: &TcpStream,
         dst: &TcpStream,
         pipe: Pipe,
         count: &impl Fn(u64),
-    ) -> Result<bool, PumpError> {
-        let chunk = if self.size == 0 { 1 << 16 } else { self.size };
+    ) -> Result<(bool, bool), PumpError> {
+        let chunk = if self.pipe_size == 0 {
+            1 << 16
+        } else {
+            self.pipe_size
+        };
         let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let mut moved = 0;
         for _ in 0..ROUNDS {
-            // The pipe is empty here, so EAGAIN can only mean "src has nothing now".
+            // The pipe is empty here, so EAGAIN can only mean "src has nothing now". A short
+            // splice does not prove the socket drained (the pipe may run out of slots first),
+            // so a round always ends on EAGAIN.
             let n = match src.try_io(Interest::READABLE, || {
                 splice(src.as_fd(), None, &pipe.w, None, chunk, flags).map_err(io::Error::from)
             }) {
                 Ok(0) => {
                     self.put_pipe(pipe);
-                    return Ok(true);
+                    return Ok((true, false));
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -163,30 +178,33 @@ impl Relay {
                 }
             }
             count(n as u64);
+            moved += n;
         }
         self.put_pipe(pipe);
-        Ok(false)
+        Ok((false, moved >= self.buf_size))
     }
 
-    /// Moves what src has through a pooled buffer; true at end of stream.
+    /// Moves what src has through a pooled buffer: (end of stream, a read filled the buffer).
     async fn copy_round(
         &self,
         stats: &Stats,
         src: &TcpStream,
         dst: &TcpStream,
         count: &impl Fn(u64),
-    ) -> Result<bool, PumpError> {
+    ) -> Result<(bool, bool), PumpError> {
         let mut buf = self.take_buf(stats);
+        let mut full = false;
         for _ in 0..ROUNDS {
-            let n = match src.try_read(&mut buf) {
-                Ok(0) => {
+            let (n, drained) = match read_once(src, &mut buf) {
+                Ok((0, _)) => {
                     self.put_buf(buf);
-                    return Ok(true);
+                    return Ok((true, false));
                 }
-                Ok(n) => n,
+                Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(PumpError::Read(e)),
             };
+            full |= n == buf.len();
             let mut off = 0;
             while off < n {
                 match dst.try_write(&buf[off..n]) {
@@ -198,9 +216,13 @@ impl Relay {
                 }
             }
             count(n as u64);
+            // Drained: wait for more. Full in splice mode: the rest goes through a pipe.
+            if drained || (full && self.mode == RelayMode::Splice) {
+                break;
+            }
         }
         self.put_buf(buf);
-        Ok(false)
+        Ok((false, full))
     }
 
     fn take_pipe(&self, stats: &Stats) -> io::Result<Pipe> {
@@ -208,9 +230,9 @@ impl Relay {
             return Ok(p);
         }
         let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        if self.size > 0 {
+        if self.pipe_size > 0 {
             // Best effort: the kernel may cap it (/proc/sys/fs/pipe-max-size).
-            let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(self.size as i32));
+            let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(self.pipe_size as i32));
         }
         stats.relay_buffers_created.inc();
         Ok(Pipe { r, w })
@@ -228,8 +250,7 @@ impl Relay {
             return b;
         }
         stats.relay_buffers_created.inc();
-        let size = if self.size == 0 { 16 << 10 } else { self.size };
-        vec![0u8; size].into_boxed_slice()
+        vec![0u8; self.buf_size].into_boxed_slice()
     }
 
     fn put_buf(&self, b: Box<[u8]>) {
@@ -237,6 +258,27 @@ impl Relay {
         if pool.len() < POOL_MAX {
             pool.push(b);
         }
+    }
+}
+
+/// One recv(2). A short read means the socket is drained for now, so its readiness is cleared
+/// (the same rule tokio's own `AsyncRead` applies), which saves the EAGAIN read that would
+/// otherwise end every round: (bytes, drained).
+fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut short = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = recv(src.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Makes tokio clear the readiness; a wakeup that arrived meanwhile is kept.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (Err(_), Some(n)) => Ok((n, true)),
+        (Ok(n), _) => Ok((n, false)),
+        (Err(e), None) => Err(e),
     }
 }
 

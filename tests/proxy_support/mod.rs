@@ -35,18 +35,17 @@ impl Proxy {
     }
 
     pub fn start_in(pod: &Ns, extra: &[&str]) -> Proxy {
+        Proxy::start_wrapped(pod, &[], extra)
+    }
+
+    /// Starts the proxy under a wrapper command (e.g. `prlimit --nofile=64:64`).
+    pub fn start_wrapped(pod: &Ns, wrapper: &[&str], extra: &[&str]) -> Proxy {
         let log = std::env::temp_dir().join(format!("{}.proxy.log", pod.name));
         let file = File::create(&log).unwrap();
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pod.name,
-                common::SHUNT,
-                "proxy",
-                "--user",
-                "1337",
-            ])
+            .args(["netns", "exec", &pod.name])
+            .args(wrapper)
+            .args([common::SHUNT, "proxy", "--user", "1337"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -141,7 +140,16 @@ impl Proxy {
         name: &str,
         ok: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        self.wait_cluster_within(name, Duration::from_secs(3), ok)
+    }
+
+    pub fn wait_cluster_within(
+        &self,
+        name: &str,
+        within: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
         loop {
             let c = self.cluster(name);
             match c {
@@ -306,6 +314,41 @@ impl Pattern {
             off += n as u64;
         }
     }
+}
+
+/// Echoes every connection on `l` (a thread each) until `lifetime` ends; bounded in time.
+pub fn echo_server(l: std::net::TcpListener, lifetime: Duration) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + lifetime;
+        let mut n = 0;
+        while Instant::now() < deadline {
+            let Some((mut s, _)) = crate::common::accept_within(&l, Duration::from_millis(100))
+            else {
+                continue;
+            };
+            n += 1;
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 || s.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        n
+    })
+}
+
+/// Sends `msg` and expects it echoed back.
+pub fn echo(s: &TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    (&*s).write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    (&*s).read_exact(&mut back)?;
+    assert_eq!(back, msg);
+    Ok(())
 }
 
 /// Makes the socket send RST on close.
