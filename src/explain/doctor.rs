@@ -418,6 +418,11 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             q.gid = Some(gid);
             let e = super::explain(&super::Tables::from_saved(&saved), &host, &q);
             let what = format!("a new connection from uid {uid} to {target}");
+            let netns_flag = cfg
+                .netns
+                .as_ref()
+                .map(|p| format!(" --netns {}", p.display()))
+                .unwrap_or_default();
             let path: Vec<String> = e
                 .trace
                 .iter()
@@ -450,7 +455,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
                         format!("cannot tell what happens to {what}: {why}"),
                     )
                     .hint(format!(
-                        "shunt explain --netns PATH out tcp {target} --uid {uid} --gid {gid}"
+                        "shunt explain{netns_flag} out tcp {target} --uid {uid} --gid {gid}"
                     ))
                 }
                 _ => check(
@@ -468,7 +473,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
                     ),
                 )
                 .hint(format!(
-                    "see `shunt explain --netns PATH out tcp {target} --uid {uid} --gid {gid}`; \
+                    "see `shunt explain{netns_flag} out tcp {target} --uid {uid} --gid {gid}`; \
                      another tool's rules may come before shunt's"
                 )),
             });

@@ -858,9 +858,17 @@ fn prepare(host: &Host, q: &Query) -> (Pkt, Vec<String>) {
                 host.route(dst)
             };
             if route.is_none() && q.iface.is_none() {
-                notes.push(format!(
-                    "no route to {dst} is known: the output interface is unknown (pass --iface or --netns)"
-                ));
+                notes.push(if host.known {
+                    format!(
+                        "the namespace has no route to {dst}: a connect() fails (network \
+                         unreachable) before any rule sees a packet"
+                    )
+                } else {
+                    format!(
+                        "no route to {dst} is known: the output interface is unknown (pass \
+                         --iface or --netns)"
+                    )
+                });
             }
             let oif = q
                 .iface
