@@ -200,9 +200,17 @@ impl Host {
     }
 }
 
-/// A family's rules: table -> chain -> (policy, rules with their saved text).
+/// A family's rules: table -> chain -> (policy, rules with their saved text). Usually one
+/// layer; two when both iptables backends hold rules (the kernel runs both at each hook).
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Layer {
+    /// The backend, when there is more than one layer.
+    label: Option<String>,
     tables: HashMap<String, HashMap<String, ChainDef>>,
 }
 
@@ -229,13 +237,46 @@ impl Tables {
                     .push((parse_rule(&r.args), crate::render::join_args(&r.args)));
             }
         }
-        Tables { tables }
+        Tables {
+            layers: vec![Layer {
+                label: None,
+                tables,
+            }],
+        }
+    }
+
+    /// Names the layers (e.g. by backend) in traces.
+    pub fn labelled(mut self, label: &str) -> Tables {
+        for l in &mut self.layers {
+            l.label = Some(label.to_string());
+        }
+        self
+    }
+
+    /// Rules of another backend, run after these at every hook. At each nat hook the first
+    /// layer that translates the connection settles it; the next is not consulted.
+    pub fn then(mut self, other: Tables) -> Tables {
+        self.layers.extend(other.layers);
+        self
+    }
+
+    /// The same layers in the other order.
+    pub fn reversed(&self) -> Tables {
+        let mut t = self.clone();
+        t.layers.reverse();
+        t
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tables
-            .values()
-            .all(|c| c.values().all(|d| d.rules.is_empty()))
+        self.layers.iter().all(|l| {
+            l.tables
+                .values()
+                .all(|c| c.values().all(|d| d.rules.is_empty()))
+        })
     }
 }
 
@@ -261,6 +302,9 @@ pub struct Step {
     /// chain's policy.
     pub index: Option<usize>,
     pub rule: String,
+    /// The iptables backend, when both hold rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -398,6 +442,7 @@ struct Walk<'a> {
     tproxy: Option<u16>,
     dnat: Option<String>,
     delivery: String,
+    label: Option<String>,
 }
 
 impl<'a> Walk<'a> {
@@ -574,14 +619,17 @@ impl<'a> Walk<'a> {
             chain: chain.into(),
             index,
             rule,
+            backend: self.label.clone(),
         }
     }
 
-    /// Runs one table's built-in chain for the current hook.
-    fn table(&mut self, table: &str) -> Flow {
-        let Some(chains) = self.tables.tables.get(table) else {
+    /// Runs one table's built-in chain for the current hook, in one layer.
+    fn table(&mut self, layer: usize, table: &str) -> Flow {
+        let tables = self.tables;
+        let Some(chains) = tables.layers[layer].tables.get(table) else {
             return Flow::Accept;
         };
+        self.label = tables.layers[layer].label.clone();
         let builtin = self.hook;
         let mut stack: Vec<(String, usize)> = Vec::new();
         let (mut cur, mut i) = (builtin.to_string(), 0usize);
@@ -737,12 +785,18 @@ impl<'a> Walk<'a> {
                 }
             }
             let before = (self.pkt.dst, self.pkt.dport);
-            let flow = self.table(t);
+            for layer in 0..self.tables.layers.len() {
+                let nat_before = (self.redirect, self.dnat.clone(), self.pkt.snat);
+                let flow = self.table(layer, t);
+                if flow != Flow::Accept {
+                    return flow;
+                }
+                if t == "nat" && (self.redirect, self.dnat.clone(), self.pkt.snat) != nat_before {
+                    break; // the connection is translated: later nat layers are not consulted
+                }
+            }
             if t == "raw" {
                 self.pkt.ct_attached = true;
-            }
-            if flow != Flow::Accept {
-                return flow;
             }
             if t == "nat" && (self.pkt.dst, self.pkt.dport) != before && hook == "OUTPUT" {
                 self.reroute();
@@ -933,6 +987,7 @@ fn walk(tables: &Tables, host: &Host, q: &Query, start: &Pkt, choices: &[bool]) 
         tproxy: None,
         dnat: None,
         delivery: "unknown".into(),
+        label: None,
     };
     // Conntrack runs after raw: the out path's first hook starts without it.
     w.pkt.ct_attached = false;

@@ -365,13 +365,13 @@ pub fn rules_from_text(
     Ok((chosen, notes))
 }
 
-/// The rules one backend holds in the namespace for `family`, picking the backend the way
-/// `--backend auto` does (the one holding rules); notes when both hold some.
+/// The rules the namespace holds for `family`: from the backend that holds rules (as
+/// `--backend auto` picks it), or from both, layered, when both do (the kernel runs both).
 pub fn rules_from_namespace(
     backend: BackendChoice,
     family: Family,
     ns: Option<&Netns>,
-) -> Result<(Saved, Backend, Vec<String>), crate::Error> {
+) -> Result<(Tables, String, Vec<String>), crate::Error> {
     let mut notes = Vec::new();
     let candidates: Vec<Backend> = match backend {
         BackendChoice::Legacy => vec![Backend::Legacy],
@@ -385,29 +385,35 @@ pub fn rules_from_namespace(
     for b in candidates {
         seen.push((b, netfilter::save(b, family, ns)?));
     }
-    let holding: Vec<usize> = (0..seen.len()).filter(|&i| seen[i].1.has_rules()).collect();
-    if holding.len() > 1 {
-        notes.push(
-            "both the nft and the legacy backends hold rules: the kernel runs both, this \
-             explanation follows the nft rules only (see `shunt doctor`)"
-                .into(),
-        );
-    }
-    let pick = holding.first().copied().unwrap_or(0);
     if seen.is_empty() {
         return Err(ExplainError::Failed(
             "no iptables tools found (iptables-nft-save or iptables-legacy-save)".into(),
         )
         .into());
     }
-    let (b, saved) = seen.swap_remove(pick);
-    if !saved.has_rules() {
-        notes.push(format!(
-            "the namespace holds no {} rules: every chain's policy decides",
-            family.name()
-        ));
+    let holding: Vec<&(Backend, Saved)> = seen.iter().filter(|(_, s)| s.has_rules()).collect();
+    match holding.as_slice() {
+        [] => {
+            notes.push(format!(
+                "the namespace holds no {} rules: every chain's policy decides",
+                family.name()
+            ));
+            let (b, saved) = &seen[0];
+            Ok((Tables::from_saved(saved), b.name().to_string(), notes))
+        }
+        [(b, saved)] => Ok((Tables::from_saved(saved), b.name().to_string(), notes)),
+        [(a, sa), (b, sb), ..] => {
+            notes.push(
+                "both the nft and the legacy backends hold rules: the kernel runs both at every \
+                 hook (see `shunt doctor`)"
+                    .into(),
+            );
+            let tables = Tables::from_saved(sa)
+                .labelled(a.name())
+                .then(Tables::from_saved(sb).labelled(b.name()));
+            Ok((tables, format!("{} and {}", a.name(), b.name()), notes))
+        }
     }
-    Ok((saved, b, notes))
 }
 
 fn ip_json(args: &[&str], ns: Option<&Netns>) -> Option<serde_json::Value> {
@@ -506,18 +512,18 @@ pub fn load(
 ) -> Result<Loaded, crate::Error> {
     let ns = cfg.netns.as_deref().map(Netns::open).transpose()?;
     let mut notes = Vec::new();
-    let (saved, source) = if let Some(path) = rules_file {
+    let (tables, source) = if let Some(path) = rules_file {
         let text = read_rules_file(path)?;
         let (saved, n) = rules_from_text(&text, family, path)?;
         notes.extend(n);
-        (saved, format!("rules file {}", path.display()))
-    } else if let Some(ns) = &ns {
-        let (saved, b, n) = rules_from_namespace(cfg.backend, family, Some(ns))?;
-        notes.extend(n);
         (
-            saved,
-            format!("{} backend in {}", b.name(), ns.path().display()),
+            Tables::from_saved(&saved),
+            format!("rules file {}", path.display()),
         )
+    } else if let Some(ns) = &ns {
+        let (tables, b, n) = rules_from_namespace(cfg.backend, family, Some(ns))?;
+        notes.extend(n);
+        (tables, format!("{b} backend in {}", ns.path().display()))
     } else {
         let plan = plan::build(cfg, cfg.ipv6 != config::Ipv6::Off);
         let rs = match family {
@@ -529,7 +535,10 @@ pub fn load(
         if rs.is_none() {
             notes.push("the plan has no IPv6 rules (--ipv6 off)".into());
         }
-        (saved, "the plan for these capture options".to_string())
+        (
+            Tables::from_saved(&saved),
+            "the plan for these capture options".to_string(),
+        )
     };
     // The namespace's own addresses and routes: the one named, or (for the plan, which
     // would be installed here) the current one. A rules file alone comes from elsewhere.
@@ -546,7 +555,7 @@ pub fn load(
         );
     }
     Ok(Loaded {
-        tables: Tables::from_saved(&saved),
+        tables,
         host,
         source,
         notes,
@@ -630,18 +639,63 @@ pub fn query_from_args(args: &ExplainArgs) -> Result<Query, ExplainError> {
     Ok(q)
 }
 
-/// The library entry point the CLI and tests share: load, then evaluate.
+/// Explains a packet against loaded rules. With two backends' rules the kernel runs both
+/// at each hook in an order userspace cannot see: both orders are walked, and the verdict
+/// is certain only when they agree.
+pub fn explain_loaded(loaded: &Loaded, q: &Query) -> Explanation {
+    let mut e = explain(&loaded.tables, &loaded.host, q);
+    let mut notes = loaded.notes.clone();
+    if loaded.tables.layers() > 1 {
+        let other = explain(&loaded.tables.reversed(), &loaded.host, q);
+        let key = |e: &Explanation| (e.verdict, e.to_port, e.to_addr.clone());
+        if key(&e) == key(&other) {
+            notes.push("either order of the two backends gives this result".into());
+        } else {
+            notes.push(format!(
+                "the result depends on the order the kernel runs the two backends in: {} \
+                 (shown), or {} (the other order)",
+                report::headline(&e),
+                report::headline(&other)
+            ));
+            let mut possible = e.possible.clone();
+            for x in [&e, &other] {
+                let o = eval::Outcome {
+                    verdict: x.verdict,
+                    to_port: x.to_port,
+                    to_addr: x.to_addr.clone(),
+                    reason: None,
+                };
+                if x.verdict != Verdict::Unknown && !possible.contains(&o) {
+                    possible.push(o);
+                }
+            }
+            possible.extend(
+                other
+                    .possible
+                    .iter()
+                    .cloned()
+                    .filter(|o| !e.possible.contains(o)),
+            );
+            e.verdict = Verdict::Unknown;
+            e.to_port = None;
+            e.to_addr = None;
+            e.possible = possible;
+        }
+    }
+    notes.append(&mut e.notes);
+    e.notes = notes;
+    e.source = loaded.source.clone();
+    e
+}
+
+/// The library entry point the CLI shares: load, then evaluate.
 pub fn explain_packet(
     cfg: &CaptureConfig,
     rules_file: Option<&Path>,
     q: &Query,
 ) -> Result<(Explanation, String), crate::Error> {
     let loaded = load(cfg, rules_file, family_of(q.dst.ip()))?;
-    let mut e = explain(&loaded.tables, &loaded.host, q);
-    let mut notes = loaded.notes;
-    notes.append(&mut e.notes);
-    e.notes = notes;
-    e.source = loaded.source.clone();
+    let e = explain_loaded(&loaded, q);
     Ok((e, loaded.source))
 }
 

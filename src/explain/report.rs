@@ -103,6 +103,11 @@ pub fn text(e: &Explanation) -> String {
             .map(|t| t.chain.len() + 5)
             .max()
             .unwrap_or(10);
+        let table = |t: &super::eval::Step| match &t.backend {
+            Some(b) => format!("{}({b})", t.table),
+            None => t.table.clone(),
+        };
+        let tw = e.trace.iter().map(|t| table(t).len()).max().unwrap_or(6);
         for t in &e.trace {
             let pos = match t.index {
                 Some(i) => format!("{}#{i}", t.chain),
@@ -110,12 +115,13 @@ pub fn text(e: &Explanation) -> String {
             };
             let _ = writeln!(
                 s,
-                "  {:<11} {:<6} {:<w$} {}",
+                "  {:<11} {:<tw$} {:<w$} {}",
                 t.hook,
-                t.table,
+                table(t),
                 pos,
                 t.rule,
-                w = w
+                w = w,
+                tw = tw
             );
         }
     }
