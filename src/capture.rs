@@ -2,6 +2,8 @@
 //! The CLI, the CNI plugin and the tests all call these.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -188,8 +190,51 @@ pub struct ApplyReport {
     pub changes: Vec<(Family, String)>,
 }
 
+/// The `nameserver` lines of a resolv.conf.
+pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            // A scoped IPv6 server (`fe80::1%eth0`) is matched by address.
+            let addr = rest.split_whitespace().next()?;
+            addr.split('%').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The DNS servers a namespace uses: `ip netns exec` gives a named namespace
+/// /etc/netns/NAME/resolv.conf when that exists, everything else sees /etc/resolv.conf.
+pub fn resolv_conf_servers(netns: Option<&Path>) -> Vec<IpAddr> {
+    let named = netns
+        .filter(|p| p.parent() == Some(Path::new("/run/netns")))
+        .and_then(|p| p.file_name())
+        .map(|name| Path::new("/etc/netns").join(name).join("resolv.conf"))
+        .filter(|p| p.exists());
+    let path = named.unwrap_or_else(|| "/etc/resolv.conf".into());
+    std::fs::read_to_string(path)
+        .map(|t| parse_resolv_conf(&t))
+        .unwrap_or_default()
+}
+
+/// Fills in what the options left to the namespace (the DNS servers), once, at the edge.
+pub fn settle(cfg: &CaptureConfig) -> CaptureConfig {
+    let mut cfg = cfg.clone();
+    if cfg.redirect_dns && !cfg.capture_all_dns && cfg.dns_servers.is_none() {
+        let servers = resolv_conf_servers(cfg.netns.as_deref());
+        if servers.is_empty() {
+            tracing::warn!(
+                "--redirect-dns: no nameserver in the namespace's resolv.conf and no \
+                 --dns-servers; only --capture-all-dns would capture DNS"
+            );
+        }
+        cfg.dns_servers = Some(servers);
+    }
+    cfg
+}
+
 /// `shunt apply`: converge the namespace to the plan, atomically per family.
 pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
+    let cfg = &settle(cfg);
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
     let families = target.families();
@@ -300,6 +345,7 @@ impl CheckReport {
 
 /// `shunt check`: the installed rules versus the plan for these options.
 pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
+    let cfg = &settle(cfg);
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
     // Read both families: IPv6 rules left behind while IPv6 is off are drift too.
@@ -398,7 +444,14 @@ pub fn drift_text(report: &CheckReport) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::diff;
+    use super::{diff, parse_resolv_conf};
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let t = "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\noptions ndots:5\nnameserver bogus\n";
+        let got: Vec<String> = parse_resolv_conf(t).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["10.96.0.10", "fe80::1"]);
+    }
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()

@@ -66,7 +66,7 @@ fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> 
 }
 
 macro_rules! raw_options {
-    ($( $(#[doc = $doc:literal])* $field:ident : $env:literal ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $field:ident : $env:literal $(, $flag:ident)? );* $(;)?) => {
         /// The capture options as given, before validation. The same struct is a clap
         /// argument group (flags and `SHUNT_*` variables), a TOML file and a CNI config.
         #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize, Serialize)]
@@ -74,52 +74,70 @@ macro_rules! raw_options {
         pub struct RawOptions {
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env, value_name = "VALUE", help_heading = "Capture options")]
+                #[arg(long, env = $env, value_name = "VALUE", help_heading = "Capture options"
+                      $(, num_args = 0..=1, default_missing_value = raw_options!(@$flag))?)]
                 #[serde(default, deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
                 pub $field: Option<String>,
             )*
         }
 
         impl RawOptions {
+            /// Every option's key, as written in TOML and CNI JSON.
+            pub const KEYS: &'static [&'static str] = &[$( stringify!($field) ),*];
+
             /// Fills every option not set here from `lower` (flag > env > file > default).
             pub fn layer(self, lower: RawOptions) -> RawOptions {
                 RawOptions { $( $field: self.$field.or(lower.$field), )* }
             }
         }
     };
+    // A boolean option: `--redirect-dns` alone means true.
+    (@flag) => { "true" };
 }
 
 raw_options! {
     /// Port that outbound TCP is redirected to [default: 15001]
-    proxy_port: "SHUNT_PROXY_PORT",
+    proxy_port: "SHUNT_PROXY_PORT";
     /// Port that inbound TCP is redirected to [default: 15006]
-    inbound_port: "SHUNT_INBOUND_PORT",
+    inbound_port: "SHUNT_INBOUND_PORT";
     /// Uid(s) never captured: the proxy itself; list, ranges allowed [default: 1337]
-    proxy_uid: "SHUNT_PROXY_UID",
+    proxy_uid: "SHUNT_PROXY_UID";
     /// Gid(s) never captured [default: 1337]
-    proxy_gid: "SHUNT_PROXY_GID",
+    proxy_gid: "SHUNT_PROXY_GID";
     /// Inbound interception: redirect (nat) [default: redirect]
-    mode: "SHUNT_MODE",
+    mode: "SHUNT_MODE";
     /// Destinations whose outbound TCP is captured; '*' = all, '' = none [default: *]
-    outbound_cidrs: "SHUNT_OUTBOUND_CIDRS",
+    outbound_cidrs: "SHUNT_OUTBOUND_CIDRS";
     /// Destinations never captured (wins over --outbound-cidrs)
-    exclude_outbound_cidrs: "SHUNT_EXCLUDE_OUTBOUND_CIDRS",
+    exclude_outbound_cidrs: "SHUNT_EXCLUDE_OUTBOUND_CIDRS";
     /// Destination ports always captured, whatever the CIDR lists say
-    outbound_ports: "SHUNT_OUTBOUND_PORTS",
+    outbound_ports: "SHUNT_OUTBOUND_PORTS";
     /// Destination ports never captured
-    exclude_outbound_ports: "SHUNT_EXCLUDE_OUTBOUND_PORTS",
+    exclude_outbound_ports: "SHUNT_EXCLUDE_OUTBOUND_PORTS";
     /// Local ports whose inbound TCP is captured; '*' = all, '' = none [default: *]
-    inbound_ports: "SHUNT_INBOUND_PORTS",
+    inbound_ports: "SHUNT_INBOUND_PORTS";
     /// Local ports never captured inbound (the proxy's ports always are excluded)
-    exclude_inbound_ports: "SHUNT_EXCLUDE_INBOUND_PORTS",
+    exclude_inbound_ports: "SHUNT_EXCLUDE_INBOUND_PORTS";
     /// Interfaces whose traffic is never captured, in or out
-    exclude_interfaces: "SHUNT_EXCLUDE_INTERFACES",
+    exclude_interfaces: "SHUNT_EXCLUDE_INTERFACES";
+    /// Interfaces whose incoming traffic is treated as outbound (VM pods)
+    virt_interfaces: "SHUNT_VIRT_INTERFACES";
+    /// Capture DNS (UDP and TCP port 53) to --dns-port [default: false]
+    redirect_dns: "SHUNT_REDIRECT_DNS", flag;
+    /// With --redirect-dns: capture DNS to every destination, not only the DNS servers
+    capture_all_dns: "SHUNT_CAPTURE_ALL_DNS", flag;
+    /// Port that DNS is redirected to [default: 15053]
+    dns_port: "SHUNT_DNS_PORT";
+    /// DNS servers whose traffic --redirect-dns captures [default: the namespace's resolv.conf]
+    dns_servers: "SHUNT_DNS_SERVERS";
+    /// Drop conntrack-INVALID inbound TCP packets (stops stray resets) [default: false]
+    drop_invalid: "SHUNT_DROP_INVALID", flag;
     /// IPv6 rules: on, off, or auto (on when the namespace has IPv6) [default: auto]
-    ipv6: "SHUNT_IPV6",
+    ipv6: "SHUNT_IPV6";
     /// iptables backend: legacy, nft, or auto (the one holding rules, else nft) [default: auto]
-    backend: "SHUNT_BACKEND",
+    backend: "SHUNT_BACKEND";
     /// Network namespace to act in: /run/netns/NAME or /proc/PID/ns/net [default: current]
-    netns: "SHUNT_NETNS",
+    netns: "SHUNT_NETNS";
 }
 
 /// Reads a TOML config file into the raw layer; unknown keys are errors (typos must not be
@@ -230,6 +248,13 @@ pub struct CaptureConfig {
     pub inbound_ports: Set<PortRange>,
     pub exclude_inbound_ports: Set<PortRange>,
     pub exclude_interfaces: Vec<String>,
+    pub virt_interfaces: Vec<String>,
+    pub redirect_dns: bool,
+    pub capture_all_dns: bool,
+    pub dns_port: u16,
+    /// `None`: the resolv.conf servers of the target namespace, read where it is known.
+    pub dns_servers: Option<Vec<IpAddr>>,
+    pub drop_invalid: bool,
     pub ipv6: Ipv6,
     pub backend: BackendChoice,
     pub netns: Option<PathBuf>,
@@ -358,6 +383,37 @@ fn parse_ifaces(option: &'static str, value: &str) -> Result<Vec<String>, Config
     Ok(out)
 }
 
+fn parse_bool(option: &'static str, value: &str) -> Result<bool, ConfigError> {
+    parse_enum(
+        option,
+        value,
+        &[
+            ("true", true),
+            ("on", true),
+            ("1", true),
+            ("yes", true),
+            ("false", false),
+            ("off", false),
+            ("0", false),
+            ("no", false),
+        ],
+    )
+}
+
+fn parse_addrs(option: &'static str, value: &str) -> Result<Vec<IpAddr>, ConfigError> {
+    items(value)
+        .map(|item| {
+            item.parse::<IpAddr>().map_err(|_| {
+                invalid(
+                    option,
+                    value,
+                    format!("'{item}' is not an IPv4 or IPv6 address"),
+                )
+            })
+        })
+        .collect()
+}
+
 fn parse_enum<T: Copy>(
     option: &'static str,
     value: &str,
@@ -427,6 +483,19 @@ impl RawOptions {
                 "exclude-interfaces",
                 &get(&self.exclude_interfaces, ""),
             )?,
+            virt_interfaces: parse_ifaces("virt-interfaces", &get(&self.virt_interfaces, ""))?,
+            redirect_dns: parse_bool("redirect-dns", &get(&self.redirect_dns, "false"))?,
+            capture_all_dns: parse_bool("capture-all-dns", &get(&self.capture_all_dns, "false"))?,
+            dns_port: {
+                let v = get(&self.dns_port, "15053");
+                parse_port("dns-port", &v, v.trim())?
+            },
+            dns_servers: self
+                .dns_servers
+                .as_deref()
+                .map(|v| parse_addrs("dns-servers", v))
+                .transpose()?,
+            drop_invalid: parse_bool("drop-invalid", &get(&self.drop_invalid, "false"))?,
             ipv6: parse_enum(
                 "ipv6",
                 &get(&self.ipv6, "auto"),
@@ -466,6 +535,28 @@ impl CaptureConfig {
                 "--inbound-port {} equals --proxy-port {}: inbound and outbound traffic need \
                  separate proxy ports",
                 self.inbound_port, self.proxy_port
+            )));
+        }
+        if self.capture_all_dns && !self.redirect_dns {
+            return Err(ConfigError::Conflict(
+                "--capture-all-dns needs --redirect-dns (it widens DNS capture, it does not turn \
+                 it on)"
+                    .into(),
+            ));
+        }
+        if self.redirect_dns && [self.proxy_port, self.inbound_port].contains(&self.dns_port) {
+            return Err(ConfigError::Conflict(format!(
+                "--dns-port {} is also a TCP capture port; give DNS its own port",
+                self.dns_port
+            )));
+        }
+        if let Some(name) = self
+            .virt_interfaces
+            .iter()
+            .find(|n| self.exclude_interfaces.contains(n))
+        {
+            return Err(ConfigError::Conflict(format!(
+                "interface {name} is in both --virt-interfaces and --exclude-interfaces"
             )));
         }
         if self.proxy_uid.is_empty() && self.proxy_gid.is_empty() {

@@ -179,7 +179,7 @@ fn print_json(value: &impl serde::Serialize) {
 fn run(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::Render { capture, output } => {
-            let cfg = capture.resolve()?;
+            let cfg = capture::settle(&capture.resolve()?);
             // Without a namespace to look at, `auto` renders both families.
             let plan = plan::build(&cfg, cfg.ipv6 != config::Ipv6::Off);
             if output.json() {

@@ -110,12 +110,16 @@ pub enum Match {
         name: String,
         negate: bool,
     },
-    Tcp,
-    /// Destination ports; one range uses `-m tcp --dport`, several `-m multiport --dports`.
+    Protocol(Proto),
+    /// Destination ports of the rule's protocol; one range uses `-m tcp --dport`, several
+    /// `-m multiport --dports`.
     DestinationPorts {
         ports: Vec<PortRange>,
         negate: bool,
     },
+    SourcePort(u16),
+    /// `-m conntrack --ctstate INVALID`
+    CtInvalid,
     Owner {
         kind: Owner,
         id: IdRange,
@@ -123,12 +127,37 @@ pub enum Match {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "target")]
 pub enum Target {
-    Jump { chain: String },
+    Jump {
+        chain: String,
+    },
     Return,
-    Redirect { to_port: u16 },
+    Redirect {
+        to_port: u16,
+    },
+    Drop,
+    /// `-j CT --zone N`: a conntrack zone (raw table), so two flows with the same tuple differ.
+    CtZone {
+        zone: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -171,9 +200,19 @@ impl Plan {
 }
 
 const OUTPUT: &str = "SHUNT_OUTPUT";
+const OUTBOUND: &str = "SHUNT_OUTBOUND";
 const INBOUND: &str = "SHUNT_INBOUND";
 const REDIRECT: &str = "SHUNT_REDIRECT";
 const IN_REDIRECT: &str = "SHUNT_IN_REDIRECT";
+const DNS: &str = "SHUNT_DNS";
+const DNS_REPLY: &str = "SHUNT_DNS_REPLY";
+const PREROUTING: &str = "SHUNT_PREROUTING";
+
+/// Conntrack zones for DNS (raw table): the proxy's upstream queries and the servers' replies
+/// in one, the app's redirected queries and the proxy's answers in the other, so a query the
+/// proxy forwards can never be mistaken for the app's and NATed back to it.
+const ZONE_UPSTREAM: u16 = 1;
+const ZONE_APP: u16 = 2;
 
 fn rule(matches: Vec<Match>, target: Target) -> Rule {
     Rule { matches, target }
@@ -185,10 +224,43 @@ fn jump(chain: &str) -> Target {
     }
 }
 
+const TCP: Match = Match::Protocol(Proto::Tcp);
+const UDP: Match = Match::Protocol(Proto::Udp);
+
 fn dports(ports: &[PortRange], negate: bool) -> Match {
     Match::DestinationPorts {
         ports: ports.to_vec(),
         negate,
+    }
+}
+
+fn port(p: u16) -> PortRange {
+    PortRange { first: p, last: p }
+}
+
+fn dst(net: IpNet) -> Match {
+    Match::Destination { net, negate: false }
+}
+
+fn owner(kind: Owner, id: IdRange) -> Match {
+    Match::Owner {
+        kind,
+        id,
+        negate: false,
+    }
+}
+
+fn iface_in(name: &str) -> Match {
+    Match::InInterface {
+        name: name.into(),
+        negate: false,
+    }
+}
+
+fn iface_out(name: &str) -> Match {
+    Match::OutInterface {
+        name: name.into(),
+        negate: false,
     }
 }
 
@@ -215,32 +287,21 @@ fn port_chunks(ports: &[PortRange]) -> Vec<&[PortRange]> {
 /// (`*`: every TCP packet).
 fn port_rules(ports: &Set<PortRange>, target: &Target) -> Vec<Rule> {
     match ports {
-        Set::All => vec![rule(vec![Match::Tcp], target.clone())],
+        Set::All => vec![rule(vec![TCP], target.clone())],
         Set::List(list) => port_chunks(list)
             .into_iter()
-            .map(|c| rule(vec![Match::Tcp, dports(c, false)], target.clone()))
+            .map(|c| rule(vec![TCP, dports(c, false)], target.clone()))
             .collect(),
     }
 }
 
 fn cidr_rules(family: Family, nets: &Set<IpNet>, target: &Target) -> Vec<Rule> {
     match nets {
-        Set::All => vec![rule(vec![Match::Tcp], target.clone())],
+        Set::All => vec![rule(vec![TCP], target.clone())],
         Set::List(list) => list
             .iter()
             .filter(|n| family.contains(n))
-            .map(|n| {
-                rule(
-                    vec![
-                        Match::Destination {
-                            net: *n,
-                            negate: false,
-                        },
-                        Match::Tcp,
-                    ],
-                    target.clone(),
-                )
-            })
+            .map(|n| rule(vec![dst(*n), TCP], target.clone()))
             .collect(),
     }
 }
@@ -252,34 +313,70 @@ fn owners(cfg: &CaptureConfig) -> impl Iterator<Item = (Owner, IdRange)> + '_ {
         .chain(cfg.proxy_gid.iter().map(|id| (Owner::Gid, *id)))
 }
 
+/// The DNS servers of this family whose traffic is captured; `None` means every destination.
+fn dns_targets(cfg: &CaptureConfig, family: Family) -> Option<Vec<IpNet>> {
+    if cfg.capture_all_dns {
+        return None;
+    }
+    let servers = cfg.dns_servers.as_deref().unwrap_or(&[]);
+    Some(
+        servers
+            .iter()
+            .map(|a| IpNet::from(*a))
+            .filter(|n| family.contains(n))
+            .collect(),
+    )
+}
+
+/// Rules that match DNS to the captured servers (or to anyone), for one protocol.
+fn dns_rules(targets: &Option<Vec<IpNet>>, proto: Proto, target: &Target) -> Vec<Rule> {
+    let base = vec![Match::Protocol(proto), dports(&[port(53)], false)];
+    match targets {
+        None => vec![rule(base, target.clone())],
+        Some(nets) => nets
+            .iter()
+            .map(|n| {
+                let mut m = vec![dst(*n)];
+                m.extend(base.clone());
+                rule(m, target.clone())
+            })
+            .collect(),
+    }
+}
+
 fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
-    let lo = || Match::OutInterface {
-        name: "lo".into(),
-        negate: false,
+    let lo = || iface_out("lo");
+    let dns = cfg.redirect_dns.then(|| dns_targets(cfg, family));
+    let to_dns = Target::Redirect {
+        to_port: cfg.dns_port,
     };
 
-    // nat PREROUTING -> SHUNT_INBOUND: inbound TCP to captured local ports.
+    // SHUNT_OUTBOUND: which destinations are captured, for the app's packets and for those
+    // arriving on --virt-interfaces. Port exclusions win, then port inclusions, then CIDRs.
+    let mut outbound = Vec::new();
+    outbound.extend(port_rules(&cfg.exclude_outbound_ports, &Target::Return));
+    if !cfg.outbound_ports.is_empty() {
+        outbound.extend(port_rules(&cfg.outbound_ports, &jump(REDIRECT)));
+    }
+    outbound.extend(cidr_rules(
+        family,
+        &cfg.exclude_outbound_cidrs,
+        &Target::Return,
+    ));
+    outbound.extend(cidr_rules(family, &cfg.outbound_cidrs, &jump(REDIRECT)));
+
+    // nat PREROUTING -> SHUNT_INBOUND: TCP arriving from outside.
     let mut inbound = Vec::new();
     for name in &cfg.exclude_interfaces {
-        inbound.push(rule(
-            vec![Match::InInterface {
-                name: name.clone(),
-                negate: false,
-            }],
-            Target::Return,
-        ));
+        inbound.push(rule(vec![iface_in(name)], Target::Return));
+    }
+    // A VM's traffic enters the pod on its interface but is outbound for the mesh.
+    for name in &cfg.virt_interfaces {
+        inbound.push(rule(vec![iface_in(name)], jump(OUTBOUND)));
+        inbound.push(rule(vec![iface_in(name)], Target::Return));
     }
     // The proxy's own ports are never captured inbound, whatever the lists say.
-    let mut own = vec![
-        PortRange {
-            first: cfg.proxy_port,
-            last: cfg.proxy_port,
-        },
-        PortRange {
-            first: cfg.inbound_port,
-            last: cfg.inbound_port,
-        },
-    ];
+    let mut own = vec![port(cfg.proxy_port), port(cfg.inbound_port)];
     own.sort();
     inbound.extend(port_rules(&Set::List(own), &Target::Return));
     inbound.extend(port_rules(&cfg.exclude_inbound_ports, &Target::Return));
@@ -287,16 +384,10 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
         inbound.extend(port_rules(&cfg.inbound_ports, &jump(IN_REDIRECT)));
     }
 
-    // nat OUTPUT -> SHUNT_OUTPUT: locally generated TCP.
+    // nat OUTPUT -> SHUNT_OUTPUT: TCP sent from inside the pod.
     let mut output = Vec::new();
     for name in &cfg.exclude_interfaces {
-        output.push(rule(
-            vec![Match::OutInterface {
-                name: name.clone(),
-                negate: false,
-            }],
-            Target::Return,
-        ));
+        output.push(rule(vec![iface_out(name)], Target::Return));
     }
     // The proxy's inbound leg to the app (from 127.0.0.6 / ::6) is never captured.
     output.push(rule(
@@ -319,81 +410,122 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
                     negate: true,
                 },
                 lo(),
-                Match::Owner {
-                    kind,
-                    id,
-                    negate: false,
-                },
+                owner(kind, id),
             ],
             jump(INBOUND),
         ));
     }
     // Everything else the proxy sends goes where it was addressed.
     for (kind, id) in owners(cfg) {
-        output.push(rule(
-            vec![Match::Owner {
-                kind,
-                id,
-                negate: false,
-            }],
-            Target::Return,
-        ));
+        output.push(rule(vec![owner(kind, id)], Target::Return));
+    }
+    // DNS over TCP is captured before the loopback exception (a stub resolver on 127.0.0.53).
+    if dns.is_some() {
+        output.push(rule(vec![TCP, dports(&[port(53)], false)], jump(DNS)));
     }
     // Loopback, and an app calling its own pod address, stay local.
     output.push(rule(vec![lo()], Target::Return));
-    // Port exclusions win over everything; port inclusions win over CIDR lists.
-    output.extend(port_rules(&cfg.exclude_outbound_ports, &Target::Return));
-    if !cfg.outbound_ports.is_empty() {
-        output.extend(port_rules(&cfg.outbound_ports, &jump(REDIRECT)));
-    }
-    output.extend(cidr_rules(
-        family,
-        &cfg.exclude_outbound_cidrs,
-        &Target::Return,
-    ));
-    output.extend(cidr_rules(family, &cfg.outbound_cidrs, &jump(REDIRECT)));
+    output.push(rule(vec![], jump(OUTBOUND)));
 
-    let builtin = |name: &str, to: &str| Chain {
+    let builtin = |name: &str, rules: Vec<Rule>| Chain {
         name: name.into(),
         builtin: true,
-        rules: vec![rule(vec![Match::Tcp], jump(to))],
+        rules,
     };
     let user = |name: &str, rules: Vec<Rule>| Chain {
         name: name.into(),
         builtin: false,
         rules,
     };
-    let nat = Table {
-        name: TableName::Nat,
-        chains: vec![
-            builtin("PREROUTING", INBOUND),
-            builtin("OUTPUT", OUTPUT),
-            user(INBOUND, inbound),
-            user(
-                IN_REDIRECT,
-                vec![rule(
-                    vec![Match::Tcp],
-                    Target::Redirect {
-                        to_port: cfg.inbound_port,
-                    },
-                )],
-            ),
-            user(OUTPUT, output),
-            user(
-                REDIRECT,
-                vec![rule(
-                    vec![Match::Tcp],
-                    Target::Redirect {
-                        to_port: cfg.proxy_port,
-                    },
-                )],
-            ),
-        ],
-    };
-    Ruleset {
-        family,
-        tables: vec![nat],
+    let redirect_to = |p: u16| vec![rule(vec![TCP], Target::Redirect { to_port: p })];
+
+    let mut nat_output = vec![rule(vec![TCP], jump(OUTPUT))];
+    let mut nat_chains = vec![
+        user(INBOUND, inbound),
+        user(IN_REDIRECT, redirect_to(cfg.inbound_port)),
+        user(OUTPUT, output),
+        user(OUTBOUND, outbound),
+        user(REDIRECT, redirect_to(cfg.proxy_port)),
+    ];
+    let mut tables = Vec::new();
+
+    if let Some(targets) = &dns {
+        // nat: the app's DNS (UDP from OUTPUT, TCP via SHUNT_OUTPUT) goes to the DNS port.
+        nat_output.push(rule(vec![UDP, dports(&[port(53)], false)], jump(DNS)));
+        let mut rules: Vec<Rule> = owners(cfg)
+            .map(|(k, id)| rule(vec![owner(k, id)], Target::Return))
+            .collect();
+        rules.extend(dns_rules(targets, Proto::Udp, &to_dns));
+        rules.extend(dns_rules(targets, Proto::Tcp, &to_dns));
+        nat_chains.push(user(DNS, rules));
+
+        // raw: conntrack zones for UDP DNS.
+        let zone = |z| Target::CtZone { zone: z };
+        let mut raw_out = Vec::new();
+        for (k, id) in owners(cfg) {
+            raw_out.push(rule(
+                vec![UDP, dports(&[port(53)], false), owner(k, id)],
+                zone(ZONE_UPSTREAM),
+            ));
+            raw_out.push(rule(
+                vec![UDP, Match::SourcePort(cfg.dns_port), owner(k, id)],
+                zone(ZONE_APP),
+            ));
+        }
+        raw_out.extend(dns_rules(targets, Proto::Udp, &zone(ZONE_APP)));
+        let replies: Vec<Rule> = match targets {
+            None => vec![rule(vec![UDP, Match::SourcePort(53)], zone(ZONE_UPSTREAM))],
+            Some(nets) => nets
+                .iter()
+                .map(|n| {
+                    rule(
+                        vec![
+                            Match::Source {
+                                net: *n,
+                                negate: false,
+                            },
+                            UDP,
+                            Match::SourcePort(53),
+                        ],
+                        zone(ZONE_UPSTREAM),
+                    )
+                })
+                .collect(),
+        };
+        tables.push(Table {
+            name: TableName::Raw,
+            chains: vec![
+                builtin("PREROUTING", vec![rule(vec![UDP], jump(DNS_REPLY))]),
+                builtin("OUTPUT", vec![rule(vec![UDP], jump(DNS))]),
+                user(DNS, raw_out),
+                user(DNS_REPLY, replies),
+            ],
+        });
     }
+
+    if cfg.drop_invalid {
+        // Before nat: a packet conntrack cannot place would bypass the redirect and reach the
+        // app, which answers with a reset that kills the client's real connection.
+        tables.push(Table {
+            name: TableName::Mangle,
+            chains: vec![
+                builtin("PREROUTING", vec![rule(vec![TCP], jump(PREROUTING))]),
+                user(PREROUTING, vec![rule(vec![Match::CtInvalid], Target::Drop)]),
+            ],
+        });
+    }
+
+    let mut chains = vec![
+        builtin("PREROUTING", vec![rule(vec![TCP], jump(INBOUND))]),
+        builtin("OUTPUT", nat_output),
+    ];
+    chains.append(&mut nat_chains);
+    tables.push(Table {
+        name: TableName::Nat,
+        chains,
+    });
+    tables.sort_by_key(|t| t.name);
+    Ruleset { family, tables }
 }
 
 /// Builds the plan. `ipv6` is the resolved IPv6 decision (`auto` is settled by the caller,
@@ -414,6 +546,7 @@ mod tests {
         let plan = build(&CaptureConfig::default(), true);
         for rs in plan.families() {
             assert_eq!(rs.tables.len(), 1);
+            assert_eq!(rs.tables[0].name, TableName::Nat);
             let nat = &rs.tables[0];
             let builtin: Vec<_> = nat.chains.iter().filter(|c| c.builtin).collect();
             assert_eq!(builtin.len(), 2);

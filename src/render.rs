@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::{Match, Owner, Plan, Rule, Ruleset, Target};
+use crate::plan::{Match, Owner, Plan, Proto, Rule, Ruleset, Target};
 
 /// The rule's arguments after `-A CHAIN`, in iptables-save order.
 pub fn rule_args(rule: &Rule) -> Vec<String> {
@@ -39,14 +39,27 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
             push_neg(&mut out, *negate, "-o", name.clone());
         }
     }
-    if rule.matches.iter().any(|m| matches!(m, Match::Tcp)) {
-        out.extend(["-p".into(), "tcp".into()]);
+    let proto = rule.matches.iter().find_map(|m| match m {
+        Match::Protocol(p) => Some(*p),
+        _ => None,
+    });
+    if let Some(p) = proto {
+        out.extend(["-p".into(), p.as_str().into()]);
     }
+    // The port matches belong to the protocol's own module (`-m tcp`, `-m udp`).
+    let proto_module = proto.unwrap_or(Proto::Tcp).as_str();
     for m in &rule.matches {
         match m {
             Match::DestinationPorts { ports, negate } if ports.len() == 1 => {
-                out.extend(["-m".into(), "tcp".into()]);
+                out.extend(["-m".into(), proto_module.into()]);
                 push_neg(&mut out, *negate, "--dport", ports[0].to_string());
+            }
+            Match::SourcePort(port) => {
+                out.extend(["-m".into(), proto_module.into()]);
+                out.extend(["--sport".into(), port.to_string()]);
+            }
+            Match::CtInvalid => {
+                out.extend(["-m", "conntrack", "--ctstate", "INVALID"].map(String::from));
             }
             Match::DestinationPorts { ports, negate } => {
                 out.extend(["-m".into(), "multiport".into()]);
@@ -73,6 +86,10 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
             "--to-ports".into(),
             to_port.to_string(),
         ]),
+        Target::Drop => out.extend(["-j".into(), "DROP".into()]),
+        Target::CtZone { zone } => {
+            out.extend(["-j".into(), "CT".into(), "--zone".into(), zone.to_string()])
+        }
     }
     out
 }
@@ -166,6 +183,23 @@ mod tests {
         .unwrap();
         let text = plan_text(&plan::build(&cfg, true));
         let golden = include_str!("../tests/fixtures/exclusions.rules");
+        assert_eq!(text, golden, "rendered:\n{text}");
+    }
+
+    #[test]
+    fn dns_virt_interfaces_and_drop_invalid_golden() {
+        let cfg = RawOptions {
+            redirect_dns: Some("true".into()),
+            dns_servers: Some("10.96.0.10,fd00::a".into()),
+            virt_interfaces: Some("eth1".into()),
+            drop_invalid: Some("true".into()),
+            proxy_gid: Some("".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let text = plan_text(&plan::build(&cfg, true));
+        let golden = include_str!("../tests/fixtures/dns-virt-invalid.rules");
         assert_eq!(text, golden, "rendered:\n{text}");
     }
 

@@ -751,3 +751,122 @@ fn dry_run_prints_and_changes_nothing() {
         .must(&["ip", "-6", "addr", "show", "dev", "lo"])
         .contains("::6/128"));
 }
+
+#[test]
+fn virt_interfaces_traffic_is_outbound() {
+    require_netns!();
+    let t = Topology::new();
+    ok(&t
+        .pod
+        .shunt(&["apply", "--virt-interfaces", "eth0", "--ipv6", "on"]));
+    let p = Probe::new(&t);
+    for pod_ip in [POD_V4, POD_V6] {
+        // A VM behind eth0 dialling anything: the outbound port, with the address it dialled.
+        assert_eq!(
+            p.probe(&t.remote, 0, 0, None, &hp(pod_ip, 8080)),
+            Landed::Outbound(sa(pod_ip, 8080)),
+            "{pod_ip}"
+        );
+    }
+}
+
+/// A UDP socket made inside `ns` with the given fsuid/fsgid (what the owner match sees).
+fn udp_as(ns: &Ns, uid: u32, gid: u32, bind: &str) -> std::net::UdpSocket {
+    let bind: SocketAddr = bind.parse().unwrap();
+    let s = ns
+        .handle
+        .run(move || {
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+            std::net::UdpSocket::bind(bind)
+        })
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s
+}
+
+fn recv(s: &std::net::UdpSocket) -> Option<(String, SocketAddr)> {
+    let mut buf = [0u8; 512];
+    let (n, from) = s.recv_from(&mut buf).ok()?;
+    let from = match from {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => from,
+        },
+        v4 => v4,
+    };
+    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+#[test]
+fn dns_capture_redirects_queries_to_the_dns_port() {
+    require_netns!();
+    let t = Topology::new();
+    let servers = format!("{REMOTE_V4},{REMOTE_V6}");
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--redirect-dns",
+        "--dns-servers",
+        &servers,
+        "--ipv6",
+        "on",
+    ]));
+    // The proxy's DNS port in the pod (as uid 1337, as the proxy runs), and real servers.
+    // REDIRECT of a locally sent packet goes to 127.0.0.1 / ::1, and the answer must leave from
+    // that address for conntrack to map it back, so a DNS proxy listens on loopback.
+    let dns_v4 = udp_as(&t.pod, 1337, 1337, "127.0.0.1:15053");
+    let dns_v6 = udp_as(&t.pod, 1337, 1337, "[::1]:15053");
+    let dns_tcp = t.pod.listen("[::]:15053");
+    dns_tcp.set_nonblocking(true).unwrap();
+    let remote = udp_as(&t.remote, 0, 0, "[::]:53");
+    for (server, other) in [(REMOTE_V4, REMOTE2_V4), (REMOTE_V6, REMOTE2_V6)] {
+        let v6 = server.contains(':');
+        let dns_port = if v6 { &dns_v6 } else { &dns_v4 };
+        let app = udp_as(&t.pod, 1000, 1000, if v6 { "[::]:0" } else { "0.0.0.0:0" });
+        // The app's query lands on the DNS port; the answer comes back from the server's address.
+        app.send_to(b"query", hp(server, 53)).unwrap();
+        let (q, client) = recv(&dns_port).expect("query not captured");
+        assert_eq!(q, "query");
+        dns_port.send_to(b"answer", client).unwrap();
+        let (a, from) = recv(&app).expect("answer lost");
+        assert_eq!((a.as_str(), from), ("answer", sa(server, 53)), "{server}");
+        // Another destination is not a DNS server: not captured.
+        app.send_to(b"other", hp(other, 53)).unwrap();
+        assert_eq!(
+            recv(&remote).map(|(m, _)| m).as_deref(),
+            Some("other"),
+            "{other}"
+        );
+        // The proxy's own query goes out.
+        let proxy = udp_as(&t.pod, 1337, 1337, if v6 { "[::]:0" } else { "0.0.0.0:0" });
+        proxy.send_to(b"upstream", hp(server, 53)).unwrap();
+        assert_eq!(
+            recv(&remote).map(|(m, _)| m).as_deref(),
+            Some("upstream"),
+            "{server}"
+        );
+        // DNS over TCP from the app: the DNS port too.
+        let _c = t.pod.connect_as(1000, 1000, &hp(server, 53)).unwrap();
+        assert!(
+            accept_within(&dns_tcp, Duration::from_secs(2)).is_some(),
+            "TCP DNS to {server}"
+        );
+    }
+    // --capture-all-dns: every destination's DNS is captured.
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--ipv6",
+        "on",
+    ]));
+    let app = udp_as(&t.pod, 1000, 1000, "0.0.0.0:0");
+    app.send_to(b"anyone", hp(REMOTE2_V4, 53)).unwrap();
+    assert_eq!(recv(&dns_v4).map(|(m, _)| m).as_deref(), Some("anyone"));
+    assert!(
+        recv(&remote).is_none(),
+        "a captured query also reached the server"
+    );
+}
