@@ -673,8 +673,8 @@ pub fn explain_loaded(loaded: &Loaded, q: &Query) -> Explanation {
                 other
                     .possible
                     .iter()
-                    .cloned()
-                    .filter(|o| !e.possible.contains(o)),
+                    .filter(|o| !e.possible.contains(o))
+                    .cloned(),
             );
             e.verdict = Verdict::Unknown;
             e.to_port = None;

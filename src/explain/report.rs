@@ -107,7 +107,13 @@ pub fn text(e: &Explanation) -> String {
             Some(b) => format!("{}({b})", t.table),
             None => t.table.clone(),
         };
-        let tw = e.trace.iter().map(|t| table(t).len()).max().unwrap_or(6);
+        let tw = e
+            .trace
+            .iter()
+            .map(|t| table(t).len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
         for t in &e.trace {
             let pos = match t.index {
                 Some(i) => format!("{}#{i}", t.chain),
