@@ -207,3 +207,41 @@ fn a_foreign_rule_that_pre_empts_shunt_fails_explain() {
     assert!(l.contains("accepted"), "{text}");
     assert!(l.contains("nat OUTPUT#1"), "{text}");
 }
+
+#[test]
+fn dns_capture_needs_a_dns_listener() {
+    require_netns!();
+    let ns = Ns::new("doc-dns");
+    apply(
+        &ns,
+        &[
+            "--redirect-dns",
+            "on",
+            "--dns-servers",
+            "10.96.0.10",
+            "--ipv6",
+            "off",
+        ],
+    );
+    let _proxy = proxy_ports(&ns, &[15001, 15006]);
+    let opts = [
+        "--redirect-dns",
+        "on",
+        "--dns-servers",
+        "10.96.0.10",
+        "--ipv6",
+        "off",
+    ];
+    let (out, text) = doctor(&ns, &opts);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "listen-dns");
+    assert!(l.starts_with("FAIL") && l.contains("UDP and TCP"), "{text}");
+    let _tcp = ns.listen("[::]:15053");
+    let _udp = ns
+        .handle
+        .run(|| std::net::UdpSocket::bind("[::]:15053"))
+        .unwrap()
+        .unwrap();
+    let (_, text) = doctor(&ns, &opts);
+    assert!(line(&text, "listen-dns").starts_with("ok"), "{text}");
+}

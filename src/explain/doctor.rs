@@ -87,10 +87,16 @@ pub struct Listener {
 
 /// Parses `/proc/net/tcp` or `/proc/net/tcp6` text: the sockets in state LISTEN.
 pub fn parse_proc_net_tcp(text: &str) -> Vec<Listener> {
+    parse_proc_net(text, "0A")
+}
+
+/// Sockets of `/proc/net/{tcp,udp}{,6}` text in the given state (hex, as the kernel prints
+/// it: `0A` LISTEN, `07` an unconnected UDP socket).
+pub fn parse_proc_net(text: &str, state: &str) -> Vec<Listener> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || f[3] != "0A" {
+        if f.len() < 4 || f[3] != state {
             continue;
         }
         let Some((addr, port)) = f[1].split_once(':') else {
@@ -124,16 +130,21 @@ pub fn parse_proc_net_tcp(text: &str) -> Vec<Listener> {
     out
 }
 
-/// Listening sockets in the namespace, read from a thread inside it.
-pub fn listeners(ns: Option<&Netns>) -> Result<Vec<Listener>, crate::Error> {
-    Ok(netns::run_in(ns, || {
+/// Listening TCP sockets (`udp`: bound UDP sockets) in the namespace, read from a thread
+/// inside it.
+pub fn listeners(ns: Option<&Netns>, udp: bool) -> Result<Vec<Listener>, crate::Error> {
+    Ok(netns::run_in(ns, move || {
+        let (files, state) = if udp {
+            (["udp", "udp6"], "07")
+        } else {
+            (["tcp", "tcp6"], "0A")
+        };
         let mut all = Vec::new();
-        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            // /proc/net/* shows the namespace of the thread that opens it (via /proc/self,
-            // which is the thread group: use the thread's own entry).
-            let path = format!("/proc/thread-self/net/{}", &f["/proc/net/".len()..]);
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                all.extend(parse_proc_net_tcp(&text));
+        for f in files {
+            // /proc/net is /proc/self/net, the namespace of the main thread: read this
+            // thread's own entry instead.
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/thread-self/net/{f}")) {
+                all.extend(parse_proc_net(&text, state));
             }
         }
         all
@@ -481,7 +492,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     }
 
     // 5. Something listens on the capture ports.
-    let ls = listeners(ns)?;
+    let ls = listeners(ns, false)?;
     let inbound_on = !cfg.inbound_ports.is_empty() && cfg.exclude_inbound_ports != Set::All;
     for (port, what, flag, on) in [
         (cfg.proxy_port, "outbound", "--proxy-port", outbound_on),
@@ -526,6 +537,37 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             .hint(format!(
                 "start the proxy (`shunt proxy`), or pass the port it listens on as {flag}"
             ))
+        });
+    }
+
+    // DNS capture: the proxy's DNS port, UDP and TCP.
+    if cfg.redirect_dns {
+        let port = cfg.dns_port;
+        let udp = listeners(ns, true)?;
+        let mut missing = Vec::new();
+        if !udp.iter().any(|l| l.port == port) {
+            missing.push("UDP");
+        }
+        if !ls.iter().any(|l| l.port == port) {
+            missing.push("TCP");
+        }
+        checks.push(if missing.is_empty() {
+            check(
+                "listen-dns",
+                Status::Ok,
+                format!("something listens on port {port} (DNS capture), UDP and TCP"),
+            )
+        } else {
+            check(
+                "listen-dns",
+                Status::Fail,
+                format!(
+                    "nothing listens on port {port} ({}) although DNS is captured: name \
+                     lookups fail",
+                    missing.join(" and ")
+                ),
+            )
+            .hint("start the proxy with its DNS forwarder (`shunt proxy --dns-port`), or pass --dns-port")
         });
     }
 
