@@ -350,3 +350,67 @@ fn reports_render() {
     assert_eq!(json["trace"][1]["chain"], "SHUNT_OUTPUT");
     assert_eq!(json["trace"][1]["index"], 7);
 }
+
+#[test]
+fn two_backends_are_both_run_and_their_order_is_not_guessed() {
+    use shunt::explain::{explain_loaded, Loaded};
+    let nft = "*nat\n-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
+    let legacy_filter = "*filter\n-A OUTPUT -p tcp --dport 22 -j REJECT\nCOMMIT\n";
+    let legacy_nat = "*nat\n-A OUTPUT -p tcp --dport 9090 -j REDIRECT --to-ports 16001\nCOMMIT\n";
+    let loaded = |a: &str, b: &str| Loaded {
+        tables: tables(a).labelled("nft").then(tables(b).labelled("legacy")),
+        host: host(),
+        source: "test".into(),
+        notes: vec![],
+    };
+    // The legacy filter sees the destination after nft's nat: 22 became 15001.
+    let l = loaded(nft, legacy_filter);
+    let e = explain_loaded(&l, &out("10.1.0.5:22", 1000));
+    assert_eq!(v(&e), "redirect:15001");
+    assert!(e.notes.iter().any(|n| n.contains("either order")));
+    assert_eq!(e.trace[0].backend.as_deref(), Some("nft"));
+    // Two nat tables translating the same connection: the first to run wins, and which one
+    // runs first is not visible, so the verdict is unknown with both outcomes listed.
+    let l = loaded(nft, legacy_nat);
+    let e = explain_loaded(&l, &out("10.1.0.5:9090", 1000));
+    assert_eq!(e.verdict, Verdict::Unknown);
+    let ports: Vec<Option<u16>> = e.possible.iter().map(|o| o.to_port).collect();
+    assert!(
+        ports.contains(&Some(15001)) && ports.contains(&Some(16001)),
+        "{ports:?}"
+    );
+    assert_eq!(
+        v(&explain_loaded(&l, &out("10.1.0.5:80", 1000))),
+        "redirect:15001"
+    );
+}
+
+#[test]
+fn rules_files_with_both_families() {
+    use shunt::explain::rules_from_text;
+    use shunt::plan::Family;
+    let text = "iptables-save\n*nat\n-A OUTPUT -d 10.0.0.0/8 -j RETURN\nCOMMIT\n*nat\n-A OUTPUT -d fd00::/8 -j RETURN\nCOMMIT\n";
+    let path = std::path::Path::new("x.rules");
+    let (v4, _) = rules_from_text(text, Family::V4, path).unwrap();
+    assert_eq!(v4.tables[0].rules[0].args[1], "10.0.0.0/8");
+    let (v6, _) = rules_from_text(text, Family::V6, path).unwrap();
+    assert_eq!(v6.tables[0].rules[0].args[1], "fd00::/8");
+    // A file with only IPv4 rules has nothing for an IPv6 packet.
+    let only4 = "*nat\n-A OUTPUT -d 10.0.0.0/8 -j RETURN\nCOMMIT\n";
+    let (none, notes) = rules_from_text(only4, Family::V6, path).unwrap();
+    assert!(none.tables.is_empty());
+    assert!(!notes.is_empty());
+    // Addresses and routes from `ip -j`: own addresses are local, others route via eth0.
+    let h = host();
+    assert_eq!(h.is_local("10.0.0.2".parse().unwrap()), Some(true));
+    assert_eq!(h.is_local("10.0.0.3".parse().unwrap()), Some(false));
+    assert_eq!(
+        h.route("8.8.8.8".parse().unwrap()),
+        Some(("eth0".into(), Some("10.0.0.2".parse().unwrap())))
+    );
+    assert_eq!(
+        h.route("fd00:9::1".parse().unwrap()),
+        Some(("eth0".into(), Some("fd00::2".parse().unwrap())))
+    );
+    assert_eq!(Host::default().is_local("10.0.0.2".parse().unwrap()), None);
+}
