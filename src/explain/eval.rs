@@ -1020,6 +1020,7 @@ pub fn explain(tables: &Tables, host: &Host, q: &Query) -> Explanation {
         .collect();
     let mut walks = 1;
     let mut exhausted = false;
+    let mut uncertain = first.uncertain.clone();
     while let Some(prefix) = queue.pop() {
         if walks >= MAX_WALKS {
             exhausted = true;
@@ -1029,6 +1030,11 @@ pub fn explain(tables: &Tables, host: &Host, q: &Query) -> Explanation {
         let r = walk(tables, host, q, &start, &prefix);
         for i in prefix.len()..r.taken.len() {
             queue.push([&r.taken[..i], &[true]].concat());
+        }
+        for u in r.uncertain {
+            if !uncertain.contains(&u) {
+                uncertain.push(u);
+            }
         }
         if !outcomes.contains(&r.outcome) {
             outcomes.push(r.outcome);
@@ -1055,7 +1061,6 @@ pub fn explain(tables: &Tables, host: &Host, q: &Query) -> Explanation {
         }
     }
     notes.extend(first.notes);
-    let mut uncertain = first.uncertain;
     uncertain.dedup();
     Explanation {
         verdict,
