@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cni;
 pub mod config;
 pub mod explain;
+pub mod istio;
 pub mod logging;
 pub mod netfilter;
 pub mod netns;

@@ -6,14 +6,14 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use shunt::config::{self, CaptureConfig, RawOptions};
-use shunt::{capture, cni, exit, explain, logging, plan, proxy, render, Error};
+use shunt::{capture, cni, exit, explain, istio, logging, plan, proxy, render, Error};
 
 #[derive(Parser)]
 #[command(
     name = "shunt",
     version,
     about = "Capture a pod's TCP traffic with netfilter and hand it to a sidecar proxy",
-    after_help = "Examples:\n  shunt render                      # the default rules, as iptables-restore input\n  shunt apply --netns /run/netns/pod --exclude-outbound-cidrs 10.96.0.1/32\n  shunt check --netns /run/netns/pod || echo drifted\n  shunt clean --netns /run/netns/pod\n\nExit codes: 0 ok, 1 runtime failure (nothing applied), 2 usage or config error, 3 drift (check)."
+    after_help = "Examples:\n  shunt render                      # the default rules, as iptables-restore input\n  shunt apply --netns /run/netns/pod --exclude-outbound-cidrs 10.96.0.1/32\n  shunt check --netns /run/netns/pod || echo drifted\n  shunt clean --netns /run/netns/pod\n\nIstio users: `shunt istio-iptables -p 15001 -u 1337 ...` takes istio-iptables' flags (see its --help).\n\nExit codes: 0 ok, 1 runtime failure (nothing applied), 2 usage or config error, 3 drift (check), 4 validation failed."
 )]
 struct Cli {
     /// More logging (-v debug, -vv trace); RUST_LOG filters take precedence
@@ -290,14 +290,81 @@ fn run(cli: Cli) -> Result<i32, Error> {
     }
 }
 
+/// `shunt istio-iptables ...`: Istio's own flag space (its `-q` is not shunt's `--quiet`), so it
+/// has a command line of its own.
+#[derive(Parser)]
+#[command(
+    name = "shunt istio-iptables",
+    about = "Istio's istio-iptables, flag for flag: run shunt's image as an unchanged istio-init",
+    after_help = "Examples:\n  shunt istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020\n  shunt istio-iptables -p 15001 -u 1337 -i '*' --redirect-dns -n"
+)]
+struct IstioCli {
+    #[command(flatten)]
+    istio: istio::IstioArgs,
+    /// Network namespace to act in [default: current]
+    #[arg(long, env = "SHUNT_NETNS")]
+    netns: Option<String>,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t, env = "SHUNT_LOG_FORMAT")]
+    log_format: logging::LogFormat,
+}
+
+fn spawn_error(e: std::io::Error) -> Error {
+    Error::Netfilter(shunt::netfilter::NetfilterError::Spawn {
+        tool: "shunt validate".into(),
+        source: e,
+    })
+}
+
+fn run_istio(cli: IstioCli) -> Result<i32, Error> {
+    let IstioCli { istio, netns, .. } = cli;
+    let mut raw = istio.to_options()?;
+    raw.netns = netns;
+    let cfg = raw.resolve()?;
+    let report = capture::apply(&cfg, istio.dry_run)?;
+    for (family, script) in &report.changes {
+        let verb = if istio.dry_run {
+            "would apply"
+        } else {
+            "applied"
+        };
+        tracing::info!("{verb} {} rules:\n{}", family.name(), script.trim_end());
+        if istio.dry_run {
+            print(&format!("# {} changes\n{script}", family.name()));
+        }
+    }
+    if istio.run_validation && !istio.dry_run {
+        // The same check as `shunt validate`, with the options translated above.
+        let exe = std::env::current_exe().map_err(spawn_error)?;
+        let status = std::process::Command::new(exe)
+            .arg("validate")
+            .envs(istio::as_env(&raw))
+            .status()
+            .map_err(spawn_error)?;
+        return Ok(status.code().unwrap_or(exit::FAILURE));
+    }
+    Ok(exit::OK)
+}
+
 fn main() -> ExitCode {
     // A container runtime runs CNI plugins with CNI_COMMAND set and the config on stdin.
     if let Ok(command) = std::env::var("CNI_COMMAND") {
         return ExitCode::from(cni::run_plugin(&command) as u8);
     }
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "istio-iptables") {
+        args.remove(0);
+        let cli = IstioCli::parse_from(args);
+        logging::init(0, cli.log_format);
+        return finish(run_istio(cli));
+    }
+    let cli = Cli::parse_from(args);
     logging::init(cli.verbose as i8 - cli.quiet as i8, cli.log_format);
-    let code = match run(cli) {
+    finish(run(cli))
+}
+
+fn finish(result: Result<i32, Error>) -> ExitCode {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");

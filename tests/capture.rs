@@ -870,3 +870,227 @@ fn dns_capture_redirects_queries_to_the_dns_port() {
         "a captured query also reached the server"
     );
 }
+
+/// `shunt istio-iptables` with Istio's flag sets: probes land where Istio's documented
+/// behaviour says (no `-i`: no outbound capture; no `-b`: no inbound; `-d` only with `-b '*'`).
+#[test]
+fn istio_iptables_flag_sets() {
+    require_netns!();
+    type Expect<'a> = (&'a str, bool, u32, u32, String, Landed);
+    let out = |d: &str, p: u16| Landed::Outbound(sa(d, p));
+    let inb = |d: &str, p: u16| Landed::Inbound(sa(d, p));
+    let sets: Vec<(Vec<&str>, Vec<Expect>)> = vec![
+        (
+            // The injector's defaults (9090 standing in for Istio's own excluded ports).
+            vec![
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,9090",
+                "--run-validation",
+            ],
+            vec![
+                (
+                    "app out",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V4, 8080),
+                    out(REMOTE_V4, 8080),
+                ),
+                (
+                    "proxy out",
+                    false,
+                    1337,
+                    1337,
+                    hp(REMOTE_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                (
+                    "gid defaults to -u",
+                    false,
+                    1000,
+                    1337,
+                    hp(REMOTE_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                ("inbound", true, 0, 0, hp(POD_V4, 8080), inb(POD_V4, 8080)),
+                (
+                    "-d excluded",
+                    true,
+                    0,
+                    0,
+                    hp(POD_V4, 9090),
+                    Landed::Direct("pod:9090"),
+                ),
+                (
+                    "v6 out",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V6, 8080),
+                    out(REMOTE_V6, 8080),
+                ),
+            ],
+        ),
+        (
+            // No -i and no -b: Istio captures nothing.
+            vec!["-p", "15001", "-u", "1337"],
+            vec![
+                (
+                    "no -i",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                (
+                    "no -b",
+                    true,
+                    0,
+                    0,
+                    hp(POD_V4, 8080),
+                    Landed::Direct("pod:8080"),
+                ),
+            ],
+        ),
+        (
+            // Include lists; -d without -b '*' is ignored; -x and -o exclude; -q includes.
+            vec![
+                "-u",
+                "1337",
+                "-i",
+                "10.200.1.0/24",
+                "-b",
+                "8080,9090",
+                "-d",
+                "9090",
+                "-q",
+                "2222",
+            ],
+            vec![
+                (
+                    "-i include",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE2_V4, 8080),
+                    out(REMOTE2_V4, 8080),
+                ),
+                (
+                    "outside -i",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                (
+                    "-q port",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V4, 2222),
+                    out(REMOTE_V4, 2222),
+                ),
+                ("-b port", true, 0, 0, hp(POD_V4, 9090), inb(POD_V4, 9090)),
+            ],
+        ),
+        (
+            vec![
+                "-u",
+                "1337",
+                "-g",
+                "1500",
+                "-i",
+                "*",
+                "-x",
+                "10.200.1.0/24",
+                "-o",
+                "2222",
+                "-b",
+                "*",
+            ],
+            vec![
+                (
+                    "-x",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE2_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                (
+                    "-o",
+                    false,
+                    1000,
+                    1000,
+                    hp(REMOTE_V4, 2222),
+                    Landed::Direct("remote:2222"),
+                ),
+                (
+                    "-g",
+                    false,
+                    1000,
+                    1500,
+                    hp(REMOTE_V4, 8080),
+                    Landed::Direct("remote:8080"),
+                ),
+                (
+                    "-g replaces the -u default",
+                    false,
+                    1000,
+                    1337,
+                    hp(REMOTE_V4, 8080),
+                    out(REMOTE_V4, 8080),
+                ),
+            ],
+        ),
+        (
+            // -k: traffic from a VM interface is outbound.
+            vec!["-u", "1337", "-i", "*", "-b", "*", "-k", "eth0"],
+            vec![("-k", true, 0, 0, hp(POD_V4, 8080), out(POD_V4, 8080))],
+        ),
+    ];
+    for (flags, expects) in sets {
+        let t = Topology::new();
+        let mut args = vec!["istio-iptables"];
+        args.extend(flags.iter().copied());
+        ok(&t.pod.shunt(&args));
+        let p = Probe::new(&t);
+        for (what, from_remote, uid, gid, dst, want) in expects {
+            let from = if from_remote { &t.remote } else { &t.pod };
+            assert_eq!(
+                p.probe(from, uid, gid, None, &dst),
+                want,
+                "{flags:?}: {what}"
+            );
+        }
+    }
+    // Refused before anything changes.
+    let ns = Ns::new("istiobad");
+    for bad in [
+        &["-m", "TPROXY", "-t", "0"][..],
+        &["--capture-all-dns"],
+        &["-k", "way-too-long-iface0"],
+        &["-p", "0"],
+    ] {
+        let mut args = vec!["istio-iptables"];
+        args.extend_from_slice(bad);
+        assert_eq!(ns.shunt(&args).status.code(), Some(2), "{bad:?}");
+    }
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
+}
