@@ -827,7 +827,7 @@ fn dns_capture_redirects_queries_to_the_dns_port() {
         let app = udp_as(&t.pod, 1000, 1000, if v6 { "[::]:0" } else { "0.0.0.0:0" });
         // The app's query lands on the DNS port; the answer comes back from the server's address.
         app.send_to(b"query", hp(server, 53)).unwrap();
-        let (q, client) = recv(&dns_port).expect("query not captured");
+        let (q, client) = recv(dns_port).expect("query not captured");
         assert_eq!(q, "query");
         dns_port.send_to(b"answer", client).unwrap();
         let (a, from) = recv(&app).expect("answer lost");
