@@ -7,9 +7,10 @@
 mod common;
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,8 +20,10 @@ use shunt::plan::Family;
 
 /// Ports with a listener in both namespaces: every port a probe dials or a rule redirects to.
 const PORTS: &[u16] = &[
-    15001, 15006, 15008, 16001, 16006, 4140, 4143, 4191, 8080, 9090, 2222, 53, 443,
+    15001, 15006, 15008, 15053, 16001, 16006, 4140, 4143, 4191, 8080, 9090, 2222, 53, 443,
 ];
+/// UDP sockets in both namespaces (DNS and its capture port, and one other).
+const UDP_PORTS: &[u16] = &[53, 15053, 8080];
 /// Ports the probes dial.
 const OUT_PORTS: &[u16] = &[8080, 2222, 9090, 15008, 443, 53];
 const IN_PORTS: &[u16] = &[8080, 9090, 2222, 15008, 15001, 4191, 443, 53];
@@ -62,7 +65,10 @@ fn unmap(a: SocketAddr) -> SocketAddr {
 struct Lab {
     t: Topology,
     listeners: Vec<(&'static str, TcpListener)>,
+    udp: Vec<(&'static str, UdpSocket)>,
 }
+
+static TOKEN: AtomicU64 = AtomicU64::new(1);
 
 impl Lab {
     fn new() -> Lab {
@@ -78,7 +84,65 @@ impl Lab {
                 listeners.push((name, l));
             }
         }
-        Lab { t, listeners }
+        let mut udp = Vec::new();
+        for (name, ns) in [("pod", &t.pod), ("remote", &t.remote)] {
+            for &port in UDP_PORTS {
+                let u = ns
+                    .handle
+                    .run(move || UdpSocket::bind(("::", port)))
+                    .unwrap()
+                    .unwrap();
+                u.set_nonblocking(true).unwrap();
+                udp.push((name, u));
+            }
+        }
+        Lab { t, listeners, udp }
+    }
+
+    /// Sends one datagram from the pod as uid:gid and reports which socket received it
+    /// (`Got::TimedOut` when none did within 500 ms).
+    fn udp_probe(&self, uid: u32, gid: u32, dst: SocketAddr) -> Got {
+        let mut buf = [0u8; 64];
+        for (_, u) in &self.udp {
+            while u.recv_from(&mut buf).is_ok() {}
+        }
+        let token = TOKEN.fetch_add(1, Ordering::SeqCst).to_be_bytes();
+        let sent = self
+            .t
+            .pod
+            .handle
+            .run(move || -> std::io::Result<usize> {
+                nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+                let any: SocketAddr = if dst.is_ipv4() {
+                    "0.0.0.0:0".parse().unwrap()
+                } else {
+                    "[::]:0".parse().unwrap()
+                };
+                UdpSocket::bind(any)?.send_to(&token, dst)
+            })
+            .unwrap();
+        if let Err(e) = sent {
+            return Got::Other(e.to_string());
+        }
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            for (ns, u) in &self.udp {
+                if let Ok((n, _)) = u.recv_from(&mut buf) {
+                    if buf[..n] == token {
+                        let port = u.local_addr().unwrap().port();
+                        // UDP has no SO_ORIGINAL_DST; the landing socket is what is compared.
+                        return Got::Landed {
+                            ns,
+                            port,
+                            orig: dst,
+                        };
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Got::TimedOut
     }
 
     /// Connects from `from` as uid:gid (optionally from `src`) and reports where it landed.
@@ -519,4 +583,82 @@ fn rules_in_both_backends() {
     );
     let n = differential(&lab, "both backends");
     assert!(n >= 300);
+}
+
+/// UDP (and TCP) DNS capture: datagrams from the app to the DNS servers land on the DNS
+/// port, the proxy's and other destinations' do not.
+#[test]
+fn shunt_dns_capture_udp_and_tcp() {
+    require_netns!();
+    let lab = Lab::new();
+    shunt_ok(
+        &lab.t.pod,
+        &[
+            "apply",
+            "--redirect-dns",
+            "on",
+            "--dns-servers",
+            "10.200.0.1,fd00:5::1",
+            "--ipv6",
+            "on",
+        ],
+    );
+    let tcp = differential(&lab, "shunt dns (tcp)");
+    let cfg = RawOptions {
+        netns: Some(lab.t.pod.path()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let v4 = explain::load(&cfg, None, Family::V4).unwrap();
+    let v6 = explain::load(&cfg, None, Family::V6).unwrap();
+    let dsts = [
+        REMOTE_V4,
+        REMOTE2_V4,
+        "127.0.0.1",
+        POD_V4,
+        REMOTE_V6,
+        REMOTE2_V6,
+        "::1",
+        POD_V6,
+    ];
+    let (mut n, mut captured, mut mismatches) = (0, 0, Vec::new());
+    for &(uid, gid) in IDS {
+        for d in dsts {
+            for port in [53, 8080] {
+                let dst = SocketAddr::new(d.parse().unwrap(), port);
+                let mut q = Query::new(Direction::Out, Proto::Udp, dst);
+                q.uid = Some(uid);
+                q.gid = Some(gid);
+                let loaded = if dst.is_ipv4() { &v4 } else { &v6 };
+                let e = explain::explain_loaded(loaded, &q);
+                let want = predict_all(&e, &q);
+                let got = lab.udp_probe(uid, gid, dst);
+                if got
+                    == (Got::Landed {
+                        ns: "pod",
+                        port: 15053,
+                        orig: dst,
+                    })
+                {
+                    captured += 1;
+                }
+                if !want.contains(&got) {
+                    mismatches.push(format!(
+                        "udp {dst} as {uid}:{gid}: kernel {got:?}, explain {want:?}\n{}",
+                        shunt::explain::report::text(&e)
+                    ));
+                }
+                n += 1;
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {n} UDP probes disagree:\n{}",
+        mismatches.len(),
+        mismatches[..mismatches.len().min(6)].join("\n")
+    );
+    assert!(captured >= 8, "only {captured} UDP probes were captured");
+    eprintln!("shunt dns (udp): {n} probes agree ({captured} captured to :15053); tcp: {tcp}");
 }
