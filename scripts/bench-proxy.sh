@@ -53,7 +53,9 @@ ip -n "$POD" addr add 10.200.0.2/24 dev eth0
 ip -n "$REM" addr add 10.200.0.1/24 dev eth0
 ip -n "$POD" route add default via 10.200.0.1
 for ns in "$POD" "$REM"; do
-    ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=4096
+    # Wide ephemeral range for the connection-per-request run, minus the sidecar ports.
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" \
+        net.ipv4.ip_local_reserved_ports=15000-15099 net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=4096
 done
 "$SHUNT" apply -q --netns "/run/netns/$POD" --ipv6 off
 

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -77,8 +78,21 @@ impl Relay {
         upstream: &TcpStream,
         conn: &ConnInfo,
     ) -> (End, Option<io::Error>) {
-        let up = self.pump(stats, client, upstream, |n| conn.add_tx(n));
-        let down = self.pump(stats, upstream, client, |n| conn.add_rx(n));
+        let eof = [AtomicBool::new(false), AtomicBool::new(false)];
+        let up = self.pump(
+            stats,
+            client,
+            upstream,
+            |n| conn.add_tx(n),
+            [&eof[0], &eof[1]],
+        );
+        let down = self.pump(
+            stats,
+            upstream,
+            client,
+            |n| conn.add_rx(n),
+            [&eof[1], &eof[0]],
+        );
         tokio::pin!(up, down);
         // A read error on a side means that side reset; a write error means the peer we wrote
         // to is gone. `up` reads the client, `down` reads the upstream.
@@ -111,6 +125,7 @@ impl Relay {
         src: &TcpStream,
         dst: &TcpStream,
         count: impl Fn(u64),
+        [my_eof, other_eof]: [&AtomicBool; 2],
     ) -> Result<(), PumpError> {
         // Small messages go through a buffer (read + write, no wasted EAGAIN read); once a read
         // fills the buffer the stream is bulk and, in splice mode, moves through a pipe.
@@ -127,8 +142,17 @@ impl Relay {
             };
             bulk = still_bulk;
             if eof {
-                // End of stream from src: pass the half-close on.
-                let _ = shutdown(dst.as_raw_fd(), Shutdown::Write);
+                // End of stream from src: pass the half-close on, unless the other way ends
+                // too, in which case the close that follows sends the FIN. One deferred yield
+                // (after the runtime has polled for I/O) lets a FIN that arrived with this one
+                // be seen first: a request-response connection then closes without shutdown.
+                my_eof.store(true, Relaxed);
+                if !other_eof.load(Relaxed) {
+                    tokio::task::yield_now().await;
+                }
+                if !other_eof.load(Relaxed) {
+                    let _ = shutdown(dst.as_raw_fd(), Shutdown::Write);
+                }
                 return Ok(());
             }
         }
