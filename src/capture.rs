@@ -7,11 +7,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{BackendChoice, CaptureConfig, Ipv6};
+use crate::config::{BackendChoice, CaptureConfig, Ipv6, Mode};
 use crate::netfilter::{self, Backend, FamilyState, NetfilterError};
 use crate::netns::{self, Netns};
-use crate::plan::{self, Family, Plan, TableName, INBOUND_SOURCE_V6};
+use crate::plan::{self, Family, Plan, Routing, TableName, INBOUND_SOURCE_V6};
 use crate::render::join_args;
+use crate::routing;
 use crate::rules::{Saved, ShuntView};
 
 /// Where the rules go: the namespace, the backend and the IPv6 decision, settled once.
@@ -262,8 +263,31 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
         }
         return Ok(report);
     }
-    let applied = netfilter::apply_families(target.backend, target.ns(), &current, &want)?;
-    report.changes = applied.scripts;
+    // tproxy: the policy route first, so TPROXY'd packets are delivered from the first one.
+    let mut added = Vec::new();
+    if let Some(r) = plan.routing {
+        for &family in &families {
+            if routing::ensure(family, r, target.ns())? {
+                tracing::info!(
+                    "added {} policy routing: fwmark {:#x} lookup {}, local default dev lo",
+                    family.name(),
+                    r.mark,
+                    r.table
+                );
+                added.push((family, r));
+            }
+        }
+    }
+    match netfilter::apply_families(target.backend, target.ns(), &current, &want) {
+        Ok(applied) => report.changes = applied.scripts,
+        Err(e) => {
+            // Nothing half-applied: take back the routing this run added.
+            for (family, r) in added {
+                let _ = routing::remove(family, r, target.ns());
+            }
+            return Err(e.into());
+        }
+    }
     Ok(report)
 }
 
@@ -322,6 +346,25 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
             .map(|s| (s.family, netfilter::planned_views(None)))
             .collect();
         let applied = netfilter::apply_families(backend, netns.as_ref(), &current, &empty)?;
+        for state in &current {
+            let had_tproxy = state
+                .views
+                .iter()
+                .any(|(t, v)| *t == TableName::Mangle && v.chains.contains_key("SHUNT_TPROXY"));
+            if had_tproxy || cfg.mode == Mode::Tproxy {
+                let r = Routing {
+                    mark: cfg.tproxy_mark,
+                    table: cfg.tproxy_route_table,
+                };
+                if routing::remove(state.family, r, netns.as_ref())? {
+                    tracing::info!(
+                        "removed {} policy routing for mark {:#x}",
+                        state.family.name(),
+                        r.mark
+                    );
+                }
+            }
+        }
         for (family, script) in applied.scripts {
             report.removed.push((backend, family, script));
         }
@@ -358,7 +401,22 @@ pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
     let want = desired(&plan, &families);
     let mut drift = Vec::new();
     for (state, (family, views)) in current.iter().zip(&want) {
-        let lines = diff(&view_lines(&state.views), &view_lines(views));
+        let mut lines = diff(&view_lines(&state.views), &view_lines(views));
+        if let (Some(r), true) = (plan.routing, *family == Family::V4 || target.ipv6) {
+            let (rule, route) = routing::present(*family, r, target.ns())?;
+            if !rule {
+                lines.push(format!(
+                    "+ ip rule: fwmark {:#x} lookup {}",
+                    r.mark, r.table
+                ));
+            }
+            if !route {
+                lines.push(format!(
+                    "+ ip route: local default dev lo table {}",
+                    r.table
+                ));
+            }
+        }
         if !lines.is_empty() {
             drift.push((*family, lines));
         }

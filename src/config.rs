@@ -104,8 +104,13 @@ raw_options! {
     proxy_uid: "SHUNT_PROXY_UID";
     /// Gid(s) never captured [default: 1337]
     proxy_gid: "SHUNT_PROXY_GID";
-    /// Inbound interception: redirect (nat) [default: redirect]
+    /// Inbound interception: redirect (nat) or tproxy (mangle; keeps the client address)
+    /// [default: redirect]
     mode: "SHUNT_MODE";
+    /// tproxy mode: the packet and connection mark that routes to the proxy [default: 1337]
+    tproxy_mark: "SHUNT_TPROXY_MARK";
+    /// tproxy mode: the routing table that delivers marked packets locally [default: 133]
+    tproxy_route_table: "SHUNT_TPROXY_ROUTE_TABLE";
     /// Destinations whose outbound TCP is captured; '*' = all, '' = none [default: *]
     outbound_cidrs: "SHUNT_OUTBOUND_CIDRS";
     /// Destinations never captured (wins over --outbound-cidrs)
@@ -215,6 +220,7 @@ impl fmt::Display for IdRange {
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Redirect,
+    Tproxy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -241,6 +247,8 @@ pub struct CaptureConfig {
     pub proxy_uid: Vec<IdRange>,
     pub proxy_gid: Vec<IdRange>,
     pub mode: Mode,
+    pub tproxy_mark: u32,
+    pub tproxy_route_table: u32,
     pub outbound_cidrs: Set<IpNet>,
     pub exclude_outbound_cidrs: Set<IpNet>,
     pub outbound_ports: Set<PortRange>,
@@ -451,19 +459,29 @@ impl RawOptions {
             get(&self.inbound_port, "15006").trim(),
         )?;
         let mode_text = get(&self.mode, "redirect");
-        if mode_text.trim().eq_ignore_ascii_case("tproxy") {
-            return Err(invalid(
-                "mode",
-                &mode_text,
-                "tproxy mode is not implemented in this version; use redirect",
-            ));
-        }
+        let number = |option: &'static str, v: &Option<String>, default: &'static str| {
+            let text = get(v, default);
+            match text.trim().parse::<u32>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(
+                    option,
+                    &text,
+                    "expected a number from 1 to 4294967295",
+                )),
+            }
+        };
         let cfg = CaptureConfig {
             proxy_port,
             inbound_port,
             proxy_uid: parse_ids("proxy-uid", &get(&self.proxy_uid, "1337"))?,
             proxy_gid: parse_ids("proxy-gid", &get(&self.proxy_gid, "1337"))?,
-            mode: parse_enum("mode", &mode_text, &[("redirect", Mode::Redirect)])?,
+            mode: parse_enum(
+                "mode",
+                &mode_text,
+                &[("redirect", Mode::Redirect), ("tproxy", Mode::Tproxy)],
+            )?,
+            tproxy_mark: number("tproxy-mark", &self.tproxy_mark, "1337")?,
+            tproxy_route_table: number("tproxy-route-table", &self.tproxy_route_table, "133")?,
             outbound_cidrs: parse_cidr_set("outbound-cidrs", &get(&self.outbound_cidrs, "*"))?,
             exclude_outbound_cidrs: parse_cidr_set(
                 "exclude-outbound-cidrs",
@@ -549,6 +567,13 @@ impl CaptureConfig {
                 "--dns-port {} is also a TCP capture port; give DNS its own port",
                 self.dns_port
             )));
+        }
+        if self.mode == Mode::Tproxy && !self.virt_interfaces.is_empty() {
+            return Err(ConfigError::Conflict(
+                "--virt-interfaces needs --mode redirect (a VM's traffic is NATed to the outbound \
+                 port, which tproxy mode reserves for inbound)"
+                    .into(),
+            ));
         }
         if let Some(name) = self
             .virt_interfaces

@@ -156,28 +156,32 @@ fn some(s: &str) -> Option<String> {
 impl IstioArgs {
     /// The equivalent shunt options; errors name Istio's flag.
     pub fn to_options(&self) -> Result<RawOptions, ConfigError> {
-        let mode = self.mode.trim().to_ascii_uppercase();
-        if mode == "TPROXY" {
-            let mark = self.tproxy_mark.trim();
-            if mark.parse::<u32>().map_or(true, |m| m == 0) {
+        let mode = match self.mode.trim().to_ascii_uppercase().as_str() {
+            "REDIRECT" => "redirect",
+            "TPROXY" => "tproxy",
+            _ => {
                 return Err(ConfigError::Invalid {
-                    option: "istio-inbound-tproxy-mark (-t)",
-                    value: mark.into(),
-                    reason: "the TPROXY mark must be a non-zero number".into(),
+                    option: "istio-inbound-interception-mode (-m)",
+                    value: self.mode.clone(),
+                    reason: "expected REDIRECT or TPROXY".into(),
+                })
+            }
+        };
+        // Istio's names for the two TPROXY numbers, so errors point at the flag used.
+        for (option, value) in [
+            ("istio-inbound-tproxy-mark (-t)", &self.tproxy_mark),
+            (
+                "istio-inbound-tproxy-route-table (-r)",
+                &self.tproxy_route_table,
+            ),
+        ] {
+            if value.trim().parse::<u32>().map_or(true, |n| n == 0) {
+                return Err(ConfigError::Invalid {
+                    option,
+                    value: value.clone(),
+                    reason: "expected a number from 1 to 4294967295".into(),
                 });
             }
-            return Err(ConfigError::Invalid {
-                option: "istio-inbound-interception-mode (-m)",
-                value: self.mode.clone(),
-                reason: "TPROXY is not implemented in this version; use REDIRECT".into(),
-            });
-        }
-        if mode != "REDIRECT" {
-            return Err(ConfigError::Invalid {
-                option: "istio-inbound-interception-mode (-m)",
-                value: self.mode.clone(),
-                reason: "expected REDIRECT or TPROXY".into(),
-            });
         }
         // Istio excludes local ports (and its tunnel port) only when every port is captured.
         let all_inbound = self.inbound_ports.trim() == "*";
@@ -199,7 +203,9 @@ impl IstioArgs {
             inbound_port: some(&self.inbound_capture_port),
             proxy_uid: some(&self.proxy_uid),
             proxy_gid: some(self.proxy_gid.as_deref().unwrap_or(&self.proxy_uid)),
-            mode: some("redirect"),
+            mode: some(mode),
+            tproxy_mark: some(&self.tproxy_mark),
+            tproxy_route_table: some(&self.tproxy_route_table),
             outbound_cidrs: some(&self.service_cidr),
             exclude_outbound_cidrs: some(&self.service_exclude_cidr),
             outbound_ports: some(&self.outbound_ports),
@@ -289,8 +295,9 @@ mod tests {
     fn bad_values_name_istio_flags() {
         let e = opts(&["-m", "TPROXY", "-t", "0"]).unwrap_err().to_string();
         assert!(e.contains("-t") && e.contains("'0'"), "{e}");
-        let e = opts(&["-m", "TPROXY"]).unwrap_err().to_string();
-        assert!(e.contains("not implemented"), "{e}");
+        let c = opts(&["-m", "TPROXY", "-t", "7", "-r", "77", "-b", "*"]).unwrap();
+        assert_eq!(c.mode, crate::config::Mode::Tproxy);
+        assert_eq!((c.tproxy_mark, c.tproxy_route_table), (7, 77));
         let e = opts(&["-m", "MAGIC"]).unwrap_err().to_string();
         assert!(e.contains("MAGIC"), "{e}");
         let e = opts(&["--capture-all-dns"]).unwrap_err().to_string();

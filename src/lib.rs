@@ -15,6 +15,7 @@ pub mod netns;
 pub mod plan;
 pub mod proxy;
 pub mod render;
+pub mod routing;
 pub mod rules;
 pub mod socket;
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{CaptureConfig, IdRange, PortRange, Set};
+use crate::config::{CaptureConfig, IdRange, Mode, PortRange, Set};
 
 /// Every chain shunt owns starts with this; `clean` and `check` recognise shunt's rules by it.
 pub const CHAIN_PREFIX: &str = "SHUNT_";
@@ -120,6 +120,12 @@ pub enum Match {
     SourcePort(u16),
     /// `-m conntrack --ctstate INVALID`
     CtInvalid,
+    /// `-m conntrack --ctstate RELATED,ESTABLISHED`
+    CtEstablished,
+    /// `-m mark --mark M`: the packet's mark
+    Mark(u32),
+    /// `-m connmark --mark M`: the connection's mark
+    Connmark(u32),
     Owner {
         kind: Owner,
         id: IdRange,
@@ -154,9 +160,23 @@ pub enum Target {
         to_port: u16,
     },
     Drop,
+    Accept,
     /// `-j CT --zone N`: a conntrack zone (raw table), so two flows with the same tuple differ.
     CtZone {
         zone: u16,
+    },
+    /// `-j MARK --set-xmark M/0xffffffff`
+    SetMark {
+        mark: u32,
+    },
+    /// `-j CONNMARK --save-mark`: the packet's mark onto its connection
+    SaveMark,
+    /// `-j CONNMARK --restore-mark`: the connection's mark onto the packet
+    RestoreMark,
+    /// `-j TPROXY`: hand the packet to a transparent listener on `to_port`, marking it
+    Tproxy {
+        to_port: u16,
+        mark: u32,
     },
 }
 
@@ -191,6 +211,15 @@ pub struct Plan {
     pub v4: Ruleset,
     /// `None` when IPv6 capture is off.
     pub v6: Option<Ruleset>,
+    /// tproxy mode: packets carrying `mark` are looked up in `table`, which delivers everything
+    /// locally (`ip rule add fwmark M lookup T` + `ip route add local default dev lo table T`).
+    pub routing: Option<Routing>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Routing {
+    pub mark: u32,
+    pub table: u32,
 }
 
 impl Plan {
@@ -207,6 +236,8 @@ const IN_REDIRECT: &str = "SHUNT_IN_REDIRECT";
 const DNS: &str = "SHUNT_DNS";
 const DNS_REPLY: &str = "SHUNT_DNS_REPLY";
 const PREROUTING: &str = "SHUNT_PREROUTING";
+const DIVERT: &str = "SHUNT_DIVERT";
+const TPROXY: &str = "SHUNT_TPROXY";
 
 /// Conntrack zones for DNS (raw table): the proxy's upstream queries and the servers' replies
 /// in one, the app's redirected queries and the proxy's answers in the other, so a query the
@@ -384,8 +415,13 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
         inbound.extend(port_rules(&cfg.inbound_ports, &jump(IN_REDIRECT)));
     }
 
+    let tproxy = cfg.mode == Mode::Tproxy;
     // nat OUTPUT -> SHUNT_OUTPUT: TCP sent from inside the pod.
     let mut output = Vec::new();
+    if tproxy {
+        // The proxy's transparent inbound leg (it marks its sockets) is never captured.
+        output.push(rule(vec![Match::Mark(cfg.tproxy_mark)], Target::Return));
+    }
     for name in &cfg.exclude_interfaces {
         output.push(rule(vec![iface_out(name)], Target::Return));
     }
@@ -503,22 +539,95 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
         });
     }
 
+    let mut mangle_prerouting = Vec::new();
+    let mut mangle_chains = Vec::new();
     if cfg.drop_invalid {
         // Before nat: a packet conntrack cannot place would bypass the redirect and reach the
         // app, which answers with a reset that kills the client's real connection.
+        mangle_prerouting.push(rule(vec![TCP], jump(PREROUTING)));
+        mangle_chains.push(user(
+            PREROUTING,
+            vec![rule(vec![Match::CtInvalid], Target::Drop)],
+        ));
+    }
+    let mut mangle_output = Vec::new();
+    if tproxy {
+        let mark = cfg.tproxy_mark;
+        // Inbound: new connections to captured ports go to the transparent listener; packets of
+        // established ones are marked so the policy route delivers them locally.
+        let mut inbound = vec![rule(vec![iface_in("lo")], Target::Return)];
+        for name in &cfg.exclude_interfaces {
+            inbound.push(rule(vec![iface_in(name)], Target::Return));
+        }
+        let mut own = vec![port(cfg.proxy_port), port(cfg.inbound_port)];
+        own.sort();
+        inbound.extend(port_rules(&Set::List(own), &Target::Return));
+        inbound.extend(port_rules(&cfg.exclude_inbound_ports, &Target::Return));
+        if !cfg.exclude_inbound_ports.eq(&Set::All) {
+            for r in port_rules(&cfg.inbound_ports, &jump(DIVERT)) {
+                let mut established = r.matches.clone();
+                established.push(Match::CtEstablished);
+                inbound.push(rule(established, jump(DIVERT)));
+                inbound.push(rule(r.matches, jump(TPROXY)));
+            }
+        }
+        mangle_prerouting.push(rule(vec![TCP], jump(INBOUND)));
+        mangle_chains.push(user(INBOUND, inbound));
+        mangle_chains.push(user(
+            DIVERT,
+            vec![
+                rule(vec![], Target::SetMark { mark }),
+                rule(vec![], Target::Accept),
+            ],
+        ));
+        mangle_chains.push(user(
+            TPROXY,
+            vec![rule(
+                vec![
+                    Match::Destination {
+                        net: family.loopback(),
+                        negate: true,
+                    },
+                    TCP,
+                ],
+                Target::Tproxy {
+                    to_port: cfg.inbound_port,
+                    mark,
+                },
+            )],
+        ));
+        // The proxy connects to the app from the client's address with its sockets marked; the
+        // connection keeps the mark, and the app's replies get it back, so they are routed to
+        // the proxy through lo instead of out to the real client.
+        mangle_output.push(rule(vec![TCP], jump(OUTPUT)));
+        mangle_chains.push(user(
+            OUTPUT,
+            vec![
+                rule(vec![Match::Mark(mark)], Target::SaveMark),
+                rule(vec![Match::Connmark(mark)], Target::RestoreMark),
+            ],
+        ));
+    }
+    if !mangle_chains.is_empty() {
+        let mut chains = Vec::new();
+        if !mangle_prerouting.is_empty() {
+            chains.push(builtin("PREROUTING", mangle_prerouting));
+        }
+        if !mangle_output.is_empty() {
+            chains.push(builtin("OUTPUT", mangle_output));
+        }
+        chains.extend(mangle_chains);
         tables.push(Table {
             name: TableName::Mangle,
-            chains: vec![
-                builtin("PREROUTING", vec![rule(vec![TCP], jump(PREROUTING))]),
-                user(PREROUTING, vec![rule(vec![Match::CtInvalid], Target::Drop)]),
-            ],
+            chains,
         });
     }
 
-    let mut chains = vec![
-        builtin("PREROUTING", vec![rule(vec![TCP], jump(INBOUND))]),
-        builtin("OUTPUT", nat_output),
-    ];
+    let mut chains = Vec::new();
+    if !tproxy {
+        chains.push(builtin("PREROUTING", vec![rule(vec![TCP], jump(INBOUND))]));
+    }
+    chains.push(builtin("OUTPUT", nat_output));
     chains.append(&mut nat_chains);
     tables.push(Table {
         name: TableName::Nat,
@@ -534,6 +643,10 @@ pub fn build(cfg: &CaptureConfig, ipv6: bool) -> Plan {
     Plan {
         v4: ruleset(cfg, Family::V4),
         v6: ipv6.then(|| ruleset(cfg, Family::V6)),
+        routing: (cfg.mode == Mode::Tproxy).then_some(Routing {
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        }),
     }
 }
 

@@ -61,6 +61,27 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
             Match::CtInvalid => {
                 out.extend(["-m", "conntrack", "--ctstate", "INVALID"].map(String::from));
             }
+            Match::CtEstablished => {
+                out.extend(
+                    ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"].map(String::from),
+                );
+            }
+            Match::Mark(m) => {
+                out.extend([
+                    "-m".into(),
+                    "mark".into(),
+                    "--mark".into(),
+                    format!("{m:#x}"),
+                ]);
+            }
+            Match::Connmark(m) => {
+                out.extend([
+                    "-m".into(),
+                    "connmark".into(),
+                    "--mark".into(),
+                    format!("{m:#x}"),
+                ]);
+            }
             Match::DestinationPorts { ports, negate } => {
                 out.extend(["-m".into(), "multiport".into()]);
                 let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
@@ -87,11 +108,66 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
             to_port.to_string(),
         ]),
         Target::Drop => out.extend(["-j".into(), "DROP".into()]),
+        Target::Accept => out.extend(["-j".into(), "ACCEPT".into()]),
+        Target::SetMark { mark } => out.extend([
+            "-j".into(),
+            "MARK".into(),
+            "--set-xmark".into(),
+            format!("{mark:#x}/0xffffffff"),
+        ]),
+        Target::SaveMark | Target::RestoreMark => {
+            let verb = if rule.target == Target::SaveMark {
+                "--save-mark"
+            } else {
+                "--restore-mark"
+            };
+            out.extend(
+                [
+                    "-j",
+                    "CONNMARK",
+                    verb,
+                    "--nfmask",
+                    "0xffffffff",
+                    "--ctmask",
+                    "0xffffffff",
+                ]
+                .map(String::from),
+            );
+        }
+        Target::Tproxy { to_port, mark } => {
+            let any = if rule_is_v6(rule) { "::" } else { "0.0.0.0" };
+            out.extend([
+                "-j".into(),
+                "TPROXY".into(),
+                "--on-port".into(),
+                to_port.to_string(),
+                "--on-ip".into(),
+                any.into(),
+                "--tproxy-mark".into(),
+                format!("{mark:#x}/0xffffffff"),
+            ]);
+        }
         Target::CtZone { zone } => {
             out.extend(["-j".into(), "CT".into(), "--zone".into(), zone.to_string()])
         }
     }
     out
+}
+
+/// The family of a rule, from its addresses (TPROXY's `--on-ip` is spelled per family).
+fn rule_is_v6(rule: &Rule) -> bool {
+    rule.matches.iter().any(|m| {
+        matches!(
+            m,
+            Match::Source {
+                net: ipnet::IpNet::V6(_),
+                ..
+            } | Match::Destination {
+                net: ipnet::IpNet::V6(_),
+                ..
+            }
+        )
+    })
 }
 
 /// Joins arguments for a restore file, quoting the ones that need it.
@@ -200,6 +276,21 @@ mod tests {
         .unwrap();
         let text = plan_text(&plan::build(&cfg, true));
         let golden = include_str!("../tests/fixtures/dns-virt-invalid.rules");
+        assert_eq!(text, golden, "rendered:\n{text}");
+    }
+
+    #[test]
+    fn tproxy_golden() {
+        let cfg = RawOptions {
+            mode: Some("tproxy".into()),
+            inbound_ports: Some("80,443".into()),
+            exclude_interfaces: Some("eth9".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let text = plan_text(&plan::build(&cfg, true));
+        let golden = include_str!("../tests/fixtures/tproxy.rules");
         assert_eq!(text, golden, "rendered:\n{text}");
     }
 

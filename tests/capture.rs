@@ -1094,3 +1094,88 @@ fn istio_iptables_flag_sets() {
     }
     assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
 }
+
+/// A socket made inside `ns` with IP_TRANSPARENT (and a mark), as a tproxy-mode proxy makes
+/// them: `bind` may then name an address that is not local.
+fn transparent(ns: &Ns, uid: u32, mark: Option<u32>, v6: bool) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{self as s, AddressFamily, SockFlag, SockType};
+    ns.handle
+        .run(move || {
+            // The owner match sees the socket's creator: create it as `uid`.
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(uid));
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+            let family = if v6 {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            };
+            let fd = s::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+            s::setsockopt(&fd, s::sockopt::IpTransparent, &true).unwrap();
+            s::setsockopt(&fd, s::sockopt::ReuseAddr, &true).unwrap();
+            if let Some(m) = mark {
+                s::setsockopt(&fd, s::sockopt::Mark, &m).unwrap();
+            }
+            fd
+        })
+        .unwrap()
+}
+
+/// tproxy mode without the proxy: a transparent listener on 15006 gets the peer's connection
+/// with the peer's own address and the app's address as its local address; a transparent,
+/// marked connection from the client's address reaches the app, whose replies come back.
+#[test]
+fn tproxy_delivers_inbound_with_the_client_address() {
+    use nix::sys::socket::{self as s, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    require_netns!();
+    let t = Topology::new();
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--mode",
+        "tproxy",
+        "--inbound-ports",
+        "8080",
+        "--ipv6",
+        "on",
+    ]));
+    for (pod_ip, remote_ip, any) in [(POD_V4, REMOTE_V4, "0.0.0.0"), (POD_V6, REMOTE_V6, "::")] {
+        let v6 = pod_ip.contains(':');
+        let l = transparent(&t.pod, 0, None, v6);
+        s::bind(l.as_raw_fd(), &SockaddrStorage::from(sa(any, 15006))).unwrap();
+        s::listen(&l, s::Backlog::new(16).unwrap()).unwrap();
+        let listener = TcpListener::from(l);
+        let app = t.pod.listen(&hp(pod_ip, 8080));
+        // The peer dials the app's port: TPROXY hands it to 15006, addresses untouched.
+        let _client = t.remote.connect_as(0, 0, &hp(pod_ip, 8080)).unwrap();
+        let (conn, peer) = accept_within(&listener, Duration::from_secs(3)).expect("not tproxied");
+        assert_eq!(peer.ip(), sa(remote_ip, 0).ip(), "the client's own address");
+        assert_eq!(
+            conn.local_addr().unwrap(),
+            sa(pod_ip, 8080),
+            "the address it dialled"
+        );
+        // A port not in --inbound-ports is not captured (nothing listens: refused).
+        assert!(t.remote.connect_as(0, 0, &hp(pod_ip, 9999)).is_err());
+        // The proxy's leg: from the client's address, marked, as uid 1337.
+        let leg = transparent(&t.pod, 1337, Some(1337), v6);
+        s::bind(leg.as_raw_fd(), &SockaddrStorage::from(sa(remote_ip, 0))).unwrap();
+        let leg_fd = leg.as_raw_fd();
+        let target = SockaddrStorage::from(sa(pod_ip, 8080));
+        s::connect(leg_fd, &target).expect("the app's reply did not come back to the proxy");
+        let (_a, seen) = accept_within(&app, Duration::from_secs(3)).expect("app got nothing");
+        assert_eq!(
+            seen.ip(),
+            sa(remote_ip, 0).ip(),
+            "the app sees the real client"
+        );
+    }
+    // clean removes the marks' rules, the policy rule and the route.
+    ok(&t.pod.shunt(&["clean"]));
+    for fam in ["-4", "-6"] {
+        let rules = t.pod.must(&["ip", fam, "rule"]);
+        assert!(!rules.contains("lookup 133"), "{rules}");
+        let routes = t.pod.exec(&["ip", fam, "route", "show", "table", "133"]);
+        assert!(String::from_utf8_lossy(&routes.stdout).trim().is_empty());
+    }
+    assert!(!t.pod.iptables_save("nft", false).contains("SHUNT"));
+}

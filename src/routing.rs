@@ -1,0 +1,175 @@
+//! Policy routing for tproxy mode: `ip rule add fwmark M lookup T` and
+//! `ip route add local default dev lo table T`, per family, so that marked packets (TPROXY'd
+//! inbound ones, and the app's replies to the proxy's transparent connections) are delivered
+//! locally. Read and written with iproute2 inside the target namespace.
+
+use serde_json::Value;
+
+use crate::netfilter::{spawn_tool, NetfilterError, Running};
+use crate::netns::Netns;
+use crate::plan::{Family, Routing};
+
+fn fam(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    }
+}
+
+fn ip(args: &[&str], ns: Option<&Netns>) -> Result<Running, NetfilterError> {
+    spawn_tool("ip", args, None, ns)
+}
+
+fn json(text: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Whether `ip -j rule show` lists `fwmark M lookup T` (iproute2 prints the mark in hex).
+fn has_rule(rules: &[Value], r: Routing) -> bool {
+    rules.iter().any(|x| {
+        let mark = x.get("fwmark").and_then(Value::as_str).and_then(|m| {
+            let m = m.split('/').next()?;
+            u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
+        });
+        let table = x.get("table").and_then(Value::as_str);
+        mark == Some(r.mark) && table == Some(r.table.to_string().as_str())
+    })
+}
+
+fn has_route(routes: &[Value]) -> bool {
+    routes.iter().any(|x| {
+        x.get("type").and_then(Value::as_str) == Some("local")
+            && x.get("dst").and_then(Value::as_str) == Some("default")
+            && x.get("dev").and_then(Value::as_str) == Some("lo")
+    })
+}
+
+/// What is installed for one family: (the rule, the local default route).
+pub fn present(
+    family: Family,
+    r: Routing,
+    ns: Option<&Netns>,
+) -> Result<(bool, bool), NetfilterError> {
+    let table = r.table.to_string();
+    let rules = ip(&[fam(family), "-j", "rule", "show"], ns)?;
+    let routes = ip(&[fam(family), "-j", "route", "show", "table", &table], ns)?;
+    let rules = json(&rules.wait()?);
+    // An empty table is an error for some iproute2 versions: that just means "no route".
+    let routes = routes.wait().map(|t| json(&t)).unwrap_or_default();
+    Ok((has_rule(&rules, r), has_route(&routes)))
+}
+
+/// Adds what is missing; returns whether the rule was added (so a failed apply can undo it).
+pub fn ensure(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, NetfilterError> {
+    let (rule, route) = present(family, r, ns)?;
+    let (mark, table) = (r.mark.to_string(), r.table.to_string());
+    if !route {
+        ip(
+            &[
+                fam(family),
+                "route",
+                "replace",
+                "local",
+                "default",
+                "dev",
+                "lo",
+                "table",
+                &table,
+            ],
+            ns,
+        )?
+        .wait()?;
+    }
+    if !rule {
+        ip(
+            &[
+                fam(family),
+                "rule",
+                "add",
+                "fwmark",
+                &mark,
+                "lookup",
+                &table,
+            ],
+            ns,
+        )?
+        .wait()?;
+    }
+    Ok(!rule)
+}
+
+/// Removes the rule (every copy) and the table's local default route, if there.
+pub fn remove(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, NetfilterError> {
+    let (mut rule, route) = present(family, r, ns)?;
+    let (mark, table) = (r.mark.to_string(), r.table.to_string());
+    let removed = rule || route;
+    // Bounded: a rule can only have been added a handful of times.
+    for _ in 0..16 {
+        if !rule {
+            break;
+        }
+        ip(
+            &[
+                fam(family),
+                "rule",
+                "del",
+                "fwmark",
+                &mark,
+                "lookup",
+                &table,
+            ],
+            ns,
+        )?
+        .wait()?;
+        rule = present(family, r, ns)?.0;
+    }
+    if route {
+        ip(
+            &[
+                fam(family),
+                "route",
+                "del",
+                "local",
+                "default",
+                "dev",
+                "lo",
+                "table",
+                &table,
+            ],
+            ns,
+        )?
+        .wait()?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_iproute2_json() {
+        let r = Routing {
+            mark: 1337,
+            table: 133,
+        };
+        let rules = json(
+            r#"[{"priority":0,"src":"all","table":"local"},{"priority":32765,"src":"all","fwmark":"0x539","table":"133"}]"#,
+        );
+        assert!(has_rule(&rules, r));
+        assert!(!has_rule(
+            &rules,
+            Routing {
+                mark: 1,
+                table: 133
+            }
+        ));
+        let routes =
+            json(r#"[{"type":"local","dst":"default","dev":"lo","scope":"host","flags":[]}]"#);
+        assert!(has_route(&routes));
+        assert!(!has_route(&json("[]")));
+    }
+}
