@@ -245,3 +245,22 @@ fn dns_capture_needs_a_dns_listener() {
     let (_, text) = doctor(&ns, &opts);
     assert!(line(&text, "listen-dns").starts_with("ok"), "{text}");
 }
+
+#[test]
+fn tproxy_route_is_checked() {
+    require_netns!();
+    let t = Topology::new();
+    apply(&t.pod, &["--mode", "tproxy"]);
+    let _proxy = proxy_ports(&t.pod, &[15001, 15006]);
+    let (_, text) = doctor(&t.pod, &["--mode", "tproxy"]);
+    assert!(line(&text, "tproxy-route-v4").starts_with("ok"), "{text}");
+    assert!(line(&text, "tproxy-route-v6").starts_with("ok"), "{text}");
+    // Someone flushes the policy rule: doctor says which piece is gone and how to fix it.
+    t.pod
+        .must(&["ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"]);
+    let (out, text) = doctor(&t.pod, &["--mode", "tproxy"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "tproxy-route-v4");
+    assert!(l.starts_with("FAIL") && l.contains("`ip rule`"), "{text}");
+    assert!(line(&text, "tproxy-route-v6").starts_with("ok"), "{text}");
+}

@@ -609,6 +609,54 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         )
         .hint("`shunt apply --ipv6 on` (is ip6tables installed?), or disable IPv6 in the pod")
     });
+
+    // 7. tproxy mode: the policy route that delivers marked packets to the proxy.
+    if cfg.mode == crate::config::Mode::Tproxy {
+        let r = crate::plan::Routing {
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        };
+        let families: &[Family] = if v6_on && cfg.ipv6 != Ipv6::Off {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        for &family in families {
+            let (rule, route) = crate::routing::present(family, r, ns)?;
+            let name = match family {
+                Family::V4 => "tproxy-route-v4",
+                Family::V6 => "tproxy-route-v6",
+            };
+            checks.push(if rule && route {
+                check(
+                    name,
+                    Status::Ok,
+                    format!(
+                        "{}: fwmark {:#x} lookup {} and its local default route are present",
+                        family.name(),
+                        r.mark,
+                        r.table
+                    ),
+                )
+            } else {
+                let missing = match (rule, route) {
+                    (false, false) => "the rule and the route are",
+                    (false, true) => "the `ip rule` is",
+                    _ => "the local default route is",
+                };
+                check(
+                    name,
+                    Status::Fail,
+                    format!(
+                        "{}: {missing} missing: TPROXY'd packets and the app's replies to the \
+                         proxy are not delivered locally",
+                        family.name()
+                    ),
+                )
+                .hint("run `shunt apply --mode tproxy` again (it adds them)")
+            });
+        }
+    }
     Ok(checks)
 }
 
