@@ -33,6 +33,7 @@ const HELP: &str = "shunt proxy admin (GET):
   /clusters             per original destination: cx_active, cx_total, cx_connect_fail, rx_bytes, tx_bytes (?format=json)
   /config_dump          effective proxy configuration and the capture rules in this namespace (JSON)
   /connections          open connections (?format=json)
+Directions: outbound (15001), inbound (15006), dns (DNS over TCP on the DNS port).
 tx_bytes flow from the client towards the original destination, rx_bytes back.
 ";
 
@@ -224,7 +225,8 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 5] {
+fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 9] {
+    let dns = &stats.dns;
     [
         (
             "accept_errors",
@@ -237,6 +239,30 @@ fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 5
             "Relay pipes or buffers created (pooled and reused).",
             true,
             stats.relay_buffers_created.get(),
+        ),
+        (
+            "dns_udp_queries",
+            "DNS queries received over UDP.",
+            true,
+            dns.udp_queries.get(),
+        ),
+        (
+            "dns_udp_answers",
+            "DNS answers relayed back over UDP.",
+            true,
+            dns.udp_answers.get(),
+        ),
+        (
+            "dns_udp_failures",
+            "DNS queries with no answer from any upstream.",
+            true,
+            dns.udp_failures.get(),
+        ),
+        (
+            "dns_udp_overflow",
+            "DNS queries dropped: too many in flight.",
+            true,
+            dns.udp_overflow.get(),
         ),
         (
             "draining",

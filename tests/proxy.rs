@@ -527,6 +527,91 @@ fn descriptor_exhaustion_backs_off_without_spinning_and_recovers() {
 }
 
 #[test]
+fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
+    require_netns!();
+    let t = Topology::new();
+    let out = t
+        .pod
+        .shunt(&["apply", "--redirect-dns", "on", "--capture-all-dns", "on"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proxy = Proxy::start_in(&t.pod, &["--dns-upstream", REMOTE_V4]);
+
+    // A stand-in DNS server on the remote: the answer is the query with QR set, plus "ok".
+    let udp = t
+        .remote
+        .handle
+        .run(|| std::net::UdpSocket::bind("10.200.0.1:53"))
+        .unwrap()
+        .unwrap();
+    let tcp = t.remote.listen("10.200.0.1:53");
+    let srv = std::thread::spawn(move || {
+        udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut q = [0u8; 512];
+        let (n, from) = udp.recv_from(&mut q).unwrap();
+        let mut a = q[..n].to_vec();
+        a[2] |= 0x80;
+        a.extend_from_slice(b"ok");
+        udp.send_to(&a, from).unwrap();
+        let (mut s, tcp_from) = accept_within(&tcp, Duration::from_secs(10)).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut q).unwrap();
+        q[2] |= 0x80;
+        s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
+        s.write_all(&q).unwrap();
+        (from, tcp_from)
+    });
+
+    // The app asks a server that does not exist; the answer still comes "from" it.
+    let query: Vec<u8> = vec![
+        0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'x', 0, 0, 1, 0, 1,
+    ];
+    let q = query.clone();
+    let (answer, from) = t
+        .pod
+        .handle
+        .run(
+            move || -> std::io::Result<(Vec<u8>, std::net::SocketAddr)> {
+                nix::unistd::setfsgid(nix::unistd::Gid::from_raw(APP));
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(APP));
+                let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.send_to(&q, "10.200.0.77:53")?;
+                let mut buf = [0u8; 512];
+                let (n, from) = s.recv_from(&mut buf)?;
+                Ok((buf[..n].to_vec(), from))
+            },
+        )
+        .unwrap()
+        .expect("no DNS answer over UDP");
+    assert_eq!(from.to_string(), "10.200.0.77:53");
+    assert_eq!(&answer[..2], &query[..2]);
+    assert_eq!(answer[2] & 0x80, 0x80);
+    assert!(answer.ends_with(b"ok"));
+
+    let mut c = app_connect(&t, "10.200.0.77:53");
+    c.write_all(&(query.len() as u16).to_be_bytes()).unwrap();
+    c.write_all(&query).unwrap();
+    let mut len = [0u8; 2];
+    c.read_exact(&mut len).unwrap();
+    let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+    c.read_exact(&mut a).unwrap();
+    assert_eq!((&a[..2], a[2] & 0x80), (&query[..2], 0x80));
+
+    let (udp_from, tcp_from) = srv.join().unwrap();
+    // Both were asked by the proxy, from the pod.
+    assert_eq!(udp_from.ip().to_string(), POD_V4);
+    assert_eq!(tcp_from.ip().to_string(), POD_V4);
+    assert_eq!(proxy.stat("server.dns_udp_answers"), 1);
+    assert_eq!(proxy.stat("dns.downstream_cx_total"), 1);
+}
+
+#[test]
 fn bad_flags_are_refused_naming_the_value() {
     let run = |args: &[&str]| {
         let out = std::process::Command::new(common::SHUNT)

@@ -83,6 +83,18 @@ pub fn access_log(
     }
 }
 
+fn classify_client(shared: &Shared, client: &TcpStream) -> Verdict {
+    match client.local_addr() {
+        Ok(local) => classify(
+            original_dst(client, local),
+            local,
+            &shared.own_ports,
+            &shared.local_ips,
+        ),
+        Err(_) => Verdict::NotRedirected,
+    }
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     client: TcpStream,
@@ -92,14 +104,10 @@ pub async fn handle(
 ) {
     let started = Instant::now();
     let stats = shared.stats.dir(dir);
-    let verdict = match client.local_addr() {
-        Ok(local) => classify(
-            original_dst(&client, local),
-            local,
-            &shared.own_ports,
-            &shared.local_ips,
-        ),
-        Err(_) => Verdict::NotRedirected,
+    let verdict = match (dir, shared.dns_upstream) {
+        // DNS over TCP goes to the DNS upstream, whatever server the app asked.
+        (Direction::Dns, Some(up)) => Verdict::Forward(up),
+        _ => classify_client(&shared, &client),
     };
     let dst = match verdict {
         Verdict::Forward(dst) => dst,

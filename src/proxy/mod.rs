@@ -8,6 +8,7 @@
 //! Listeners are bound first, then the process drops to `--user`; SIGTERM closes the listeners,
 //! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`.
 
+mod dns;
 mod forward;
 mod listener;
 pub mod relay;
@@ -126,9 +127,12 @@ pub struct ProxyArgs {
         default_value = "127.0.0.1:15000"
     )]
     pub admin_addr: SocketAddr,
-    /// DNS forwarder port; the forwarder is not in this build, so only 0 (off) is accepted
-    #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 0)]
+    /// DNS forwarder port (UDP and TCP; what --redirect-dns captures to); 0 turns it off
+    #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
+    /// DNS servers to forward to, IP[:PORT] comma separated (default: the resolv.conf servers)
+    #[arg(long, env = "SHUNT_PROXY_DNS_UPSTREAM", value_delimiter = ',', value_parser = dns::parse_upstream, value_name = "IP[:PORT],...")]
+    pub dns_upstream: Vec<SocketAddr>,
     /// Interception mode the capture rules use (tproxy is refused: not implemented yet)
     #[arg(long, value_enum, env = "SHUNT_PROXY_MODE", default_value_t)]
     pub mode: Mode,
@@ -168,20 +172,23 @@ impl ProxyArgs {
                 hint: "; use --mode redirect (the default capture mode)".into(),
             });
         }
-        if self.dns_port != 0 {
-            return Err(ProxyError::Unsupported {
-                what: format!("the DNS forwarder (--dns-port {})", self.dns_port),
-                hint: "; run with --dns-port 0 and without --redirect-dns capture".into(),
-            });
-        }
-        if self.outbound_port == self.inbound_port {
-            return Err(ProxyError::Config(format!(
-                "--outbound-port and --inbound-port are both {}; they must differ",
-                self.outbound_port
-            )));
+        let ports = [
+            ("--outbound-port", self.outbound_port),
+            ("--inbound-port", self.inbound_port),
+            ("--dns-port", self.dns_port),
+        ];
+        for (i, (a, pa)) in ports.iter().enumerate() {
+            for (b, pb) in &ports[i + 1..] {
+                if pa == pb && *pa != 0 {
+                    return Err(ProxyError::Config(format!(
+                        "{a} and {b} are both {pa}; they must differ"
+                    )));
+                }
+            }
         }
         if self.admin_addr.port() != 0
-            && [self.outbound_port, self.inbound_port].contains(&self.admin_addr.port())
+            && [self.outbound_port, self.inbound_port, self.dns_port]
+                .contains(&self.admin_addr.port())
         {
             return Err(ProxyError::Config(format!(
                 "--admin-addr {} uses a proxy listener port",
@@ -221,6 +228,7 @@ impl ProxyArgs {
             "inbound_port": self.inbound_port,
             "admin_addr": self.admin_addr.to_string(),
             "dns_port": self.dns_port,
+            "dns_upstream": self.dns_upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mode": self.mode,
             "user": self.user.map(|u| u.to_string()),
             "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
@@ -243,6 +251,8 @@ pub struct Shared {
     local_ips: Vec<IpAddr>,
     connect_timeout: Duration,
     max_connections: u64,
+    /// Where DNS over TCP goes.
+    dns_upstream: Option<SocketAddr>,
 }
 
 /// Raises the soft descriptor limit to the hard one; returns the limit in force.
@@ -331,6 +341,34 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             Err(e) => tracing::warn!(direction = dir.name(), "no IPv6 listener on {v6}: {e}"),
         }
     }
+    // DNS: the listeners are bound with the others, before privileges are dropped.
+    let mut dns_upstreams = args.dns_upstream.clone();
+    if args.dns_port != 0 && dns_upstreams.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        dns_upstreams = dns::resolv_conf_servers(&conf);
+    }
+    let mut dns_udp = vec![];
+    if args.dns_port != 0 && dns_upstreams.is_empty() {
+        tracing::warn!(
+            "DNS forwarder off: no --dns-upstream and no nameserver in /etc/resolv.conf"
+        );
+    } else if args.dns_port != 0 {
+        let bind_err = |addr, source| ProxyError::Bind {
+            what: "dns",
+            addr,
+            source,
+        };
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.dns_port));
+        listeners.push((
+            Direction::Dns,
+            listener::bind(v4).map_err(|e| bind_err(v4, e))?,
+        ));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.dns_port));
+        match listener::bind(v6) {
+            Ok(l) => listeners.push((Direction::Dns, l)),
+            Err(e) => tracing::warn!("no IPv6 DNS listener on {v6}: {e}"),
+        }
+    }
     let admin = listener::bind(args.admin_addr).map_err(|source| ProxyError::Bind {
         what: "admin",
         addr: args.admin_addr,
@@ -340,6 +378,17 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     if let Some(user) = args.user {
         drop_privileges(user)?;
     }
+    if listeners.iter().any(|(d, _)| *d == Direction::Dns) {
+        // After the switch to --user: the capture rules tell the forwarder's replies by the
+        // socket's owner, which is fixed when the socket is made.
+        dns_udp = dns::bind_udp(args.dns_port)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                what: "dns",
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, args.dns_port)),
+                source,
+            })?;
+    }
     // Each connection holds two descriptors; keep some for listeners, pipes and the admin.
     let max_connections = args
         .max_connections
@@ -347,11 +396,21 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     let shared = Arc::new(Shared {
         stats: Arc::new(Stats::default()),
         relay: relay::Relay::new(args.relay, args.relay_buffer, args.pipe_size),
-        own_ports: vec![args.outbound_port, args.inbound_port, admin_addr.port()],
+        own_ports: vec![
+            args.outbound_port,
+            args.inbound_port,
+            admin_addr.port(),
+            args.dns_port,
+        ],
         local_ips: local_ips(),
         connect_timeout: args.connect_timeout,
         max_connections,
+        dns_upstream: dns_upstreams.first().copied(),
     });
+    let upstreams: Arc<[SocketAddr]> = dns_upstreams.clone().into();
+    for sock in dns_udp {
+        tokio::spawn(dns::serve_udp(shared.clone(), sock, upstreams.clone()));
+    }
     let admin_state = Arc::new(crate::admin::AdminState {
         stats: shared.stats.clone(),
         config: args.dump(max_connections),
@@ -377,6 +436,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         admin = %admin_addr,
         max_connections,
         relay = ?args.relay,
+        dns_upstream = ?dns_upstreams,
         "proxy ready"
     );
 

@@ -18,15 +18,18 @@ pub const MAX_CLUSTERS: usize = 10_000;
 pub enum Direction {
     Outbound,
     Inbound,
+    /// DNS over TCP, captured to `--dns-port` and forwarded to the DNS upstream.
+    Dns,
 }
 
 impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+    pub const ALL: [Direction; 3] = [Direction::Outbound, Direction::Inbound, Direction::Dns];
 
     pub fn name(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Dns => "dns",
         }
     }
 
@@ -133,6 +136,17 @@ pub struct DirStats {
     pub rx_bytes: Counter,
 }
 
+/// The UDP DNS forwarder.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    pub udp_queries: Counter,
+    pub udp_answers: Counter,
+    /// No answer from any upstream in time, or an upstream error.
+    pub udp_failures: Counter,
+    /// Dropped: too many queries in flight.
+    pub udp_overflow: Counter,
+}
+
 /// One original destination, per direction (Envoy calls these clusters).
 #[derive(Debug)]
 pub struct Cluster {
@@ -215,11 +229,12 @@ type ClusterKey = (Direction, Option<SocketAddr>);
 pub struct Stats {
     pub started: Instant,
     pub draining: AtomicBool,
-    dirs: [DirStats; 2],
+    dirs: [DirStats; 3],
     /// accept(2) failures (EMFILE and the like), each followed by a back-off.
     pub accept_errors: Counter,
     /// Relay buffers or pipes created (the pool reuses them).
     pub relay_buffers_created: Counter,
+    pub dns: DnsStats,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnInfo>>>,
     next_id: AtomicU64,
@@ -233,6 +248,7 @@ impl Default for Stats {
             dirs: Default::default(),
             accept_errors: Counter::default(),
             relay_buffers_created: Counter::default(),
+            dns: DnsStats::default(),
             clusters: Mutex::new(HashMap::new()),
             conns: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),

@@ -1,0 +1,155 @@
+//! The DNS forwarder on `--dns-port`: the capture rules (`--redirect-dns`) send the app's DNS
+//! here, and it asks the upstream servers (`--dns-upstream`, else the namespace's
+//! resolv.conf). UDP queries are answered from the socket they arrived on, bound to loopback
+//! where REDIRECT delivers them, so conntrack turns the reply's source back into the server the
+//! app asked. DNS over TCP is relayed to the first upstream like any other connection
+//! (direction `dns` in the stats).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+
+use super::Shared;
+
+/// Queries in flight at once per listener; more are dropped (the client retries).
+const MAX_INFLIGHT: usize = 1024;
+/// How long one upstream gets before the next is asked.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_MESSAGE: usize = 65_535;
+
+/// `nameserver` lines of a resolv.conf, as port-53 addresses.
+pub fn resolv_conf_servers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            // A scoped IPv6 address (fe80::1%eth0) is skipped rather than guessed.
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// `IP` or `IP:PORT` (IPv6 with a port in brackets); the port defaults to 53.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("'{s}' is not an IP or IP:PORT (e.g. 10.96.0.10 or [fd00::a]:53)"))
+}
+
+/// The UDP listeners: loopback, where REDIRECT delivers locally generated datagrams.
+pub async fn bind_udp(port: u16) -> io::Result<Vec<UdpSocket>> {
+    let mut socks = vec![UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?];
+    match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+        Ok(s) => socks.push(s),
+        Err(e) => tracing::warn!("no IPv6 DNS listener on [::1]:{port}: {e}"),
+    }
+    Ok(socks)
+}
+
+pub async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, upstreams: Arc<[SocketAddr]>) {
+    let sock = Arc::new(sock);
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier replies surface here; nothing to do but go on.
+                tracing::debug!("dns recv: {e}");
+                continue;
+            }
+        };
+        let stats = &shared.stats.dns;
+        stats.udp_queries.inc();
+        if n < 12 {
+            stats.udp_failures.inc();
+            continue;
+        }
+        if inflight.load(Relaxed) >= MAX_INFLIGHT {
+            stats.udp_overflow.inc();
+            continue;
+        }
+        inflight.fetch_add(1, Relaxed);
+        let query = buf[..n].to_vec();
+        let (shared, sock, upstreams, inflight) = (
+            shared.clone(),
+            sock.clone(),
+            upstreams.clone(),
+            inflight.clone(),
+        );
+        tokio::spawn(async move {
+            let stats = &shared.stats.dns;
+            match ask(&query, &upstreams).await {
+                Some(answer) => match sock.send_to(&answer, client).await {
+                    Ok(_) => stats.udp_answers.inc(),
+                    Err(_) => stats.udp_failures.inc(),
+                },
+                None => stats.udp_failures.inc(),
+            }
+            inflight.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
+/// Asks each upstream in turn; the first answer with the query's id wins.
+async fn ask(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for &up in upstreams {
+        let local: SocketAddr = match up {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let attempt = async {
+            let s = UdpSocket::bind(local).await?;
+            s.connect(up).await?;
+            s.send(query).await?;
+            let mut answer = vec![0u8; MAX_MESSAGE];
+            loop {
+                let m = s.recv(&mut answer).await?;
+                // A stray datagram with another id is ignored, not passed on.
+                if m >= 12 && answer[..2] == query[..2] {
+                    answer.truncate(m);
+                    return Ok::<_, io::Error>(answer);
+                }
+            }
+        };
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
+            Ok(Ok(answer)) => return Some(answer),
+            Ok(Err(e)) => tracing::debug!(upstream = %up, "dns query failed: {e}"),
+            Err(_) => tracing::debug!(upstream = %up, "dns query timed out"),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nameservers_and_upstreams() {
+        let conf = "# comment\nsearch svc\nnameserver 10.96.0.10\nnameserver fd00::a\nnameserver fe80::1%eth0\noptions ndots:5\n";
+        assert_eq!(
+            resolv_conf_servers(conf),
+            vec![
+                "10.96.0.10:53".parse().unwrap(),
+                "[fd00::a]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(parse_upstream("1.2.3.4"), Ok("1.2.3.4:53".parse().unwrap()));
+        assert_eq!(
+            parse_upstream("[::1]:5353"),
+            Ok("[::1]:5353".parse().unwrap())
+        );
+        assert!(parse_upstream("dns.local")
+            .unwrap_err()
+            .contains("dns.local"));
+    }
+}
