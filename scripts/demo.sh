@@ -36,16 +36,22 @@ ip -n "$remote" addr add 10.200.0.1/24 dev eth0
 ip -n "$pod" route add default via 10.200.0.1
 echo "hello from the remote server" > "$work/remote.txt"
 echo "hello from the app in the pod" > "$work/app.txt"
-ip netns exec "$remote" /usr/bin/python3 -m http.server 8080 --bind 10.200.0.1 --directory "$work" >/dev/null 2>&1 &
+# A small static HTTP server (http.server's own CLI looks its address up in DNS, which this
+# offline pod cannot reach, and stalls). Started without a shell function so $! is the server.
+serve='import functools,http.server as h,socketserver as s,sys
+s.TCPServer.allow_reuse_address = True
+s.TCPServer((sys.argv[1], int(sys.argv[2])), functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[3])).serve_forever()'
+ip netns exec "$remote" /usr/bin/python3 -c "$serve" 10.200.0.1 8080 "$work" 2>/dev/null &
 pids+=($!)
-as_app /usr/bin/python3 -m http.server 8081 --bind 10.200.0.2 --directory "$work" >/dev/null 2>&1 &
+ip netns exec "$pod" setpriv --reuid 1000 --regid 1000 --clear-groups \
+  /usr/bin/python3 -c "$serve" 10.200.0.2 8081 "$work" 2>/dev/null &
 pids+=($!)
 
 step "shunt apply --netns /run/netns/$pod   (what an initContainer does; it logs the rules)"
 "$S" apply --netns "/run/netns/$pod" --ipv6 off --log-format text
 
 step "shunt proxy --user 1337, in the pod (binds 15001/15006/15000, then drops to uid 1337)"
-in_pod "$S" proxy --user 1337 2> "$work/proxy.log" &
+ip netns exec "$pod" "$S" proxy --user 1337 2> "$work/proxy.log" &
 pids+=($!)
 for _ in $(seq 1 100); do in_pod curl -fsS -o /dev/null http://127.0.0.1:15000/ready 2>/dev/null && break; sleep 0.05; done
 in_pod curl -sS http://127.0.0.1:15000/ready; echo

@@ -225,9 +225,9 @@ fn run(cli: Cli) -> Result<i32, Error> {
             let report = capture::clean(&cfg)?;
             for (backend, family, script) in &report.removed {
                 tracing::info!(
-                    family = family.name(),
-                    backend = backend.name(),
-                    "removed:\n{}",
+                    "removed {} rules ({} backend):\n{}",
+                    family.name(),
+                    backend.name(),
                     script.trim_end()
                 );
             }
