@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::sockopt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::listener::Active;
@@ -200,6 +201,9 @@ async fn connect(
     };
     let sock = sock.map_err(failed)?;
     if dir == Direction::Inbound {
+        // The port is picked at connect time, for the full 4-tuple: binding does not use up
+        // one of 127.0.0.6's ports per connection.
+        let _ = nix::sys::socket::setsockopt(&sock, sockopt::IpBindAddressNoPort, &true);
         let src = SocketAddr::new(family.inbound_source().addr(), 0);
         sock.bind(src).map_err(failed)?;
     }

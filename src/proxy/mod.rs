@@ -418,6 +418,12 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     });
     tokio::spawn(crate::admin::serve(admin, admin_state));
 
+    let signals = Signals::install()?;
+    // Start-up (argument parsing, the rules snapshot) leaves freed heap behind; hand it back.
+    // SAFETY: malloc_trim only releases free memory of the allocator; it has no preconditions.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut addrs = vec![];
     for (dir, l) in listeners {
@@ -440,27 +446,38 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         "proxy ready"
     );
 
-    wait_for_signal().await?;
+    signals.wait().await;
     drain(&shared, &stop_tx, args.drain_timeout).await;
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<(), ProxyError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|source| ProxyError::Signal {
-        signal: "SIGTERM",
-        source,
-    })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| ProxyError::Signal {
-        signal: "SIGINT",
-        source,
-    })?;
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!("{name}: draining");
-    Ok(())
+/// SIGTERM and SIGINT, installed before the proxy reports ready.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, ProxyError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).map_err(|source| ProxyError::Signal {
+            signal: "SIGTERM",
+            source,
+        })?;
+        let int = signal(SignalKind::interrupt()).map_err(|source| ProxyError::Signal {
+            signal: "SIGINT",
+            source,
+        })?;
+        Ok(Signals { term, int })
+    }
+
+    async fn wait(mut self) {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::info!("{name}: draining");
+    }
 }
 
 /// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish.
