@@ -5,8 +5,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::sockopt;
-use tokio::net::{TcpSocket, TcpStream};
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, connect as sys_connect, setsockopt, socket, sockopt, AddressFamily, SockFlag,
+    SockProtocol, SockType, SockaddrStorage,
+};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 use super::listener::Active;
 use super::relay::reset;
@@ -25,23 +32,32 @@ pub enum Verdict {
     NotRedirected,
 }
 
-/// `own_ports`: every port the proxy listens on; `local_ips`: the namespace's addresses.
+/// `own_ports`: every port the proxy listens on; `local_ips`: the namespace's addresses;
+/// `local`: the accepted socket's own address, asked for only when the original destination
+/// carries one of the proxy's ports (a connection that was not redirected has its own address
+/// as original destination), so the common case costs no getsockname.
 pub fn classify(
     orig: io::Result<SocketAddr>,
-    local: SocketAddr,
+    local: impl FnOnce() -> Option<SocketAddr>,
     own_ports: &[u16],
     local_ips: &[IpAddr],
 ) -> Verdict {
     let Ok(orig) = orig else {
         return Verdict::NotRedirected;
     };
-    if orig == local {
+    if !own_ports.contains(&orig.port()) {
+        return Verdict::Forward(orig);
+    }
+    let local = local();
+    if local == Some(orig) {
         return Verdict::NotRedirected;
     }
     let ip = orig.ip();
-    let local_ip =
-        ip.is_loopback() || ip.is_unspecified() || ip == local.ip() || local_ips.contains(&ip);
-    if local_ip && own_ports.contains(&orig.port()) {
+    let local_ip = ip.is_loopback()
+        || ip.is_unspecified()
+        || local.is_some_and(|l| l.ip() == ip)
+        || local_ips.contains(&ip);
+    if local_ip {
         return Verdict::Loop(orig);
     }
     Verdict::Forward(orig)
@@ -84,22 +100,21 @@ pub fn access_log(
     }
 }
 
-fn classify_client(shared: &Shared, client: &TcpStream) -> Verdict {
-    match client.local_addr() {
-        Ok(local) => classify(
-            original_dst(client, local),
-            local,
-            &shared.own_ports,
-            &shared.local_ips,
-        ),
-        Err(_) => Verdict::NotRedirected,
-    }
+/// `listen`: the listener's address, which gives the family to ask the original destination in.
+fn classify_client(shared: &Shared, client: &TcpStream, listen: SocketAddr) -> Verdict {
+    classify(
+        original_dst(client, listen),
+        || client.local_addr().ok(),
+        &shared.own_ports,
+        &shared.local_ips,
+    )
 }
 
 pub async fn handle(
     shared: Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
+    listen: SocketAddr,
     dir: Direction,
     _active: Active,
 ) {
@@ -108,7 +123,7 @@ pub async fn handle(
     let verdict = match (dir, shared.dns_upstream) {
         // DNS over TCP goes to the DNS upstream, whatever server the app asked.
         (Direction::Dns, Some(up)) => Verdict::Forward(up),
-        _ => classify_client(&shared, &client),
+        _ => classify_client(&shared, &client, listen),
     };
     let dst = match verdict {
         Verdict::Forward(dst) => dst,
@@ -188,31 +203,50 @@ pub async fn handle(
 }
 
 /// Connects to the original destination; inbound from 127.0.0.6 / ::6, the source the capture
-/// rules let through to the app.
+/// rules let through to the app. A plain non-blocking connect whose outcome is read from the
+/// readiness itself: success costs no SO_ERROR query, only a failure asks for the reason.
 async fn connect(
     dir: Direction,
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, (End, Option<io::Error>)> {
-    let failed = |e| (End::ConnectFailed, Some(e));
-    let (sock, family) = match dst {
-        SocketAddr::V4(_) => (TcpSocket::new_v4(), Family::V4),
-        SocketAddr::V6(_) => (TcpSocket::new_v6(), Family::V6),
+    let failed = |e: io::Error| (End::ConnectFailed, Some(e));
+    let (af, family) = match dst {
+        SocketAddr::V4(_) => (AddressFamily::Inet, Family::V4),
+        SocketAddr::V6(_) => (AddressFamily::Inet6, Family::V6),
     };
-    let sock = sock.map_err(failed)?;
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd =
+        socket(af, SockType::Stream, flags, SockProtocol::Tcp).map_err(|e| failed(e.into()))?;
+    setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(|e| failed(e.into()))?;
     if dir == Direction::Inbound {
         // The port is picked at connect time, for the full 4-tuple: binding does not use up
         // one of 127.0.0.6's ports per connection.
-        let _ = nix::sys::socket::setsockopt(&sock, sockopt::IpBindAddressNoPort, &true);
+        let _ = setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
         let src = SocketAddr::new(family.inbound_source().addr(), 0);
-        sock.bind(src).map_err(failed)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| failed(e.into()))?;
     }
-    sock.set_nodelay(true).map_err(failed)?;
-    match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Err(_) => Err((End::ConnectTimeout, None)),
-        Ok(Err(e)) => Err(failed(e)),
-        Ok(Ok(s)) => Ok(s),
+    match sys_connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(failed(e.into())),
     }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd)).map_err(failed)?;
+    let ready =
+        match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE | Interest::ERROR))
+            .await
+        {
+            Err(_) => return Err((End::ConnectTimeout, None)),
+            Ok(Err(e)) => return Err(failed(e)),
+            Ok(Ok(r)) => r,
+        };
+    if ready.is_error() || ready.is_write_closed() {
+        let e = match stream.take_error() {
+            Ok(Some(e)) | Err(e) => e,
+            Ok(None) => io::ErrorKind::ConnectionRefused.into(),
+        };
+        return Err(failed(e));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -227,7 +261,7 @@ mod tests {
     fn classifies_original_destinations() {
         let own = [15001, 15006, 15000];
         let ips: [IpAddr; 1] = ["10.200.0.2".parse().unwrap()];
-        let local = sa("10.200.0.2:15001");
+        let local = || Some(sa("10.200.0.2:15001"));
         let c = |orig: &str| classify(Ok(sa(orig)), local, &own, &ips);
         assert_eq!(c("10.200.0.1:80"), Verdict::Forward(sa("10.200.0.1:80")));
         // A remote's port 15001 is not ours.
@@ -238,9 +272,15 @@ mod tests {
         assert_eq!(c("10.200.0.2:15001"), Verdict::NotRedirected);
         assert_eq!(c("127.0.0.1:15006"), Verdict::Loop(sa("127.0.0.1:15006")));
         assert_eq!(c("10.200.0.2:15000"), Verdict::Loop(sa("10.200.0.2:15000")));
+        // Ours by address even when the namespace's address list is stale.
+        let fresh = || Some(sa("10.200.0.9:15001"));
+        assert_eq!(
+            classify(Ok(sa("10.200.0.9:15001")), fresh, &own, &ips),
+            Verdict::NotRedirected
+        );
         let err = classify(Err(io::Error::from_raw_os_error(2)), local, &own, &ips);
         assert_eq!(err, Verdict::NotRedirected);
-        let l6 = sa("[fd00:5::2]:15006");
+        let l6 = || Some(sa("[fd00:5::2]:15006"));
         assert_eq!(
             classify(Ok(sa("[::1]:15001")), l6, &own, &[]),
             Verdict::Loop(sa("[::1]:15001"))

@@ -71,6 +71,13 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::ZERO;
+    let listen = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(direction = dir.name(), "listener has no address: {e}");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -89,7 +96,14 @@ pub async fn accept_loop(
                     continue;
                 }
                 let active = Active::new(shared.clone(), dir);
-                tokio::spawn(forward::handle(shared.clone(), sock, peer, dir, active));
+                tokio::spawn(forward::handle(
+                    shared.clone(),
+                    sock,
+                    peer,
+                    listen,
+                    dir,
+                    active,
+                ));
             }
             Err(e) if per_connection(&e) => continue,
             Err(e) => {
