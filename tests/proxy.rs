@@ -31,6 +31,17 @@ fn http_request_from_the_app_goes_through_the_proxy_and_is_counted() {
     let t = Topology::new();
     let _www = HttpServer::start(&t.remote, 8080, "hello from the remote\n");
     let proxy = Proxy::start(&t, &[]);
+    // --user 1337: bound as root, then running as 1337:1337 with no capabilities.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    assert!(
+        status.contains("\nUid:\t1337\t1337\t1337\t1337\n"),
+        "{status}"
+    );
+    assert!(
+        status.contains("\nGid:\t1337\t1337\t1337\t1337\n"),
+        "{status}"
+    );
+    assert!(status.contains("\nCapEff:\t0000000000000000\n"), "{status}");
 
     for (host, cluster) in [
         (REMOTE_V4, "outbound|10.200.0.1:8080"),
@@ -148,6 +159,73 @@ fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
             (Some(4), Some(4))
         );
     }
+}
+
+#[test]
+fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works() {
+    require_netns!();
+    let t = Topology::new();
+    let out = t.pod.shunt(&["apply", "--mode", "tproxy", "--ipv6", "on"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proxy = Proxy::start_in(&t.pod, &["--mode", "tproxy"]);
+    // Runs as 1337 with CAP_NET_ADMIN and CAP_NET_RAW only (bits 12 and 13).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+    };
+    assert_eq!(field("Uid:").as_deref(), Some("1337"), "{status}");
+    assert_eq!(
+        field("CapEff:").as_deref(),
+        Some("0000000000003000"),
+        "{status}"
+    );
+    assert_eq!(
+        field("CapPrm:").as_deref(),
+        Some("0000000000003000"),
+        "{status}"
+    );
+    for (listen, pod, remote) in [
+        ("0.0.0.0:8080", POD_V4, REMOTE_V4),
+        ("[::]:8081", POD_V6, REMOTE_V6),
+    ] {
+        let app = t.pod.listen(listen);
+        let port = app.local_addr().unwrap().port();
+        let client = t.remote.connect_as(0, 0, &hp(pod, port)).unwrap();
+        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (mut s, peer) = accept_within(&app, Duration::from_secs(5)).expect("app got nothing");
+        assert_eq!(
+            peer.ip().to_string(),
+            remote,
+            "the app sees the client itself"
+        );
+        (&client).write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"pong").unwrap();
+        drop(s);
+        let mut got = vec![];
+        (&client).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pong");
+        let c = proxy
+            .cluster(&format!("inbound|{}", hp(pod, port)))
+            .expect("inbound cluster");
+        assert_eq!(
+            (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
+            (Some(4), Some(4))
+        );
+    }
+    // Outbound is still captured by REDIRECT and relayed.
+    let _echo = echo_server(t.remote.listen("0.0.0.0:9600"), Duration::from_secs(10));
+    let c = app_connect(&t, &hp(REMOTE_V4, 9600));
+    echo(&c, b"out").unwrap();
+    assert!(proxy.cluster("outbound|10.200.0.1:9600").is_some());
 }
 
 #[test]
@@ -637,9 +715,12 @@ fn bad_flags_are_refused_naming_the_value() {
     let (code, err) = run(&["--connect-timeout", "soon"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("soon"), "{err}");
-    let (code, err) = run(&["--mode", "tproxy"]);
+    let (code, err) = run(&["--mode", "tproxy", "--workers", "2"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("tproxy"), "{err}");
+    assert!(
+        err.contains("tproxy") && err.contains("--workers 2"),
+        "{err}"
+    );
     let (code, err) = run(&["--inbound-port", "15001"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("15001"), "{err}");

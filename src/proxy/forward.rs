@@ -100,6 +100,45 @@ pub fn access_log(
     }
 }
 
+/// Where the connection to the destination comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Whatever the kernel picks (outbound, DNS).
+    Any,
+    /// 127.0.0.6 / ::6: the inbound source the capture rules let through (redirect mode).
+    InboundSix,
+    /// tproxy mode: the client's own address (IP_TRANSPARENT), with the tproxy mark so the
+    /// app's replies are routed back to the proxy.
+    Transparent(IpAddr),
+}
+
+/// tproxy mode, inbound listener: a TPROXY'd connection keeps its destination as the socket's
+/// own address; one that came by REDIRECT (the proxy calling its own pod through `lo`) has an
+/// original destination of its own and is handled as in redirect mode.
+fn classify_tproxy(
+    shared: &Shared,
+    client: &TcpStream,
+    listen: SocketAddr,
+    peer: SocketAddr,
+) -> (Verdict, Source) {
+    let Ok(local) = client.local_addr() else {
+        return (Verdict::NotRedirected, Source::Any);
+    };
+    match original_dst(client, listen) {
+        Ok(orig) if orig != local => (
+            classify(
+                Ok(orig),
+                || Some(local),
+                &shared.own_ports,
+                &shared.local_ips,
+            ),
+            Source::InboundSix,
+        ),
+        _ if shared.own_ports.contains(&local.port()) => (Verdict::NotRedirected, Source::Any),
+        _ => (Verdict::Forward(local), Source::Transparent(peer.ip())),
+    }
+}
+
 /// `listen`: the listener's address, which gives the family to ask the original destination in.
 fn classify_client(shared: &Shared, client: &TcpStream, listen: SocketAddr) -> Verdict {
     classify(
@@ -120,10 +159,17 @@ pub async fn handle(
 ) {
     let started = Instant::now();
     let stats = shared.stats.dir(dir);
-    let verdict = match (dir, shared.dns_upstream) {
+    let (verdict, source) = match (dir, shared.dns_upstream) {
         // DNS over TCP goes to the DNS upstream, whatever server the app asked.
-        (Direction::Dns, Some(up)) => Verdict::Forward(up),
-        _ => classify_client(&shared, &client, listen),
+        (Direction::Dns, Some(up)) => (Verdict::Forward(up), Source::Any),
+        (Direction::Inbound, _) if shared.tproxy_mark.is_some() => {
+            classify_tproxy(&shared, &client, listen, peer)
+        }
+        (Direction::Inbound, _) => (
+            classify_client(&shared, &client, listen),
+            Source::InboundSix,
+        ),
+        _ => (classify_client(&shared, &client, listen), Source::Any),
     };
     let dst = match verdict {
         Verdict::Forward(dst) => dst,
@@ -166,7 +212,7 @@ pub async fn handle(
     }
     let _ = client.set_nodelay(true);
     let guard = shared.stats.open(dir, peer, dst);
-    let upstream = match connect(dir, dst, shared.connect_timeout).await {
+    let upstream = match connect(dst, source, shared.tproxy_mark, shared.connect_timeout).await {
         Ok(s) => s,
         Err((end, e)) => {
             guard.info.cluster().cx_connect_fail.inc();
@@ -202,12 +248,12 @@ pub async fn handle(
     );
 }
 
-/// Connects to the original destination; inbound from 127.0.0.6 / ::6, the source the capture
-/// rules let through to the app. A plain non-blocking connect whose outcome is read from the
+/// Connects to the original destination from `source`. A plain non-blocking connect whose outcome is read from the
 /// readiness itself: success costs no SO_ERROR query, only a failure asks for the reason.
 async fn connect(
-    dir: Direction,
     dst: SocketAddr,
+    source: Source,
+    mark: Option<u32>,
     timeout: Duration,
 ) -> Result<TcpStream, (End, Option<io::Error>)> {
     let failed = |e: io::Error| (End::ConnectFailed, Some(e));
@@ -219,12 +265,27 @@ async fn connect(
     let fd =
         socket(af, SockType::Stream, flags, SockProtocol::Tcp).map_err(|e| failed(e.into()))?;
     setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(|e| failed(e.into()))?;
-    if dir == Direction::Inbound {
+    let src = match source {
+        Source::Any => None,
+        Source::InboundSix => Some(family.inbound_source().addr()),
+        Source::Transparent(ip) => {
+            // Needs CAP_NET_ADMIN, kept across --user in tproxy mode.
+            setsockopt(&fd, sockopt::IpTransparent, &true).map_err(|e| failed(e.into()))?;
+            if let Some(m) = mark {
+                setsockopt(&fd, sockopt::Mark, &m).map_err(|e| failed(e.into()))?;
+            }
+            Some(ip)
+        }
+    };
+    if let Some(ip) = src {
         // The port is picked at connect time, for the full 4-tuple: binding does not use up
-        // one of 127.0.0.6's ports per connection.
+        // one of the source address's ports per connection.
         let _ = setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
-        let src = SocketAddr::new(family.inbound_source().addr(), 0);
-        bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| failed(e.into()))?;
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(ip, 0)),
+        )
+        .map_err(|e| failed(e.into()))?;
     }
     match sys_connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
         Ok(()) | Err(Errno::EINPROGRESS) => {}

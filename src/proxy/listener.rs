@@ -22,6 +22,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A listening socket on `addr`; an IPv6 one is IPv6-only, so IPv4 clients arrive on the IPv4
 /// socket with IPv4 addresses (and `SO_ORIGINAL_DST` rather than its IPv6 twin).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+/// `transparent`: IP_TRANSPARENT, so TPROXY can hand it connections for any address.
+pub fn bind_with(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let sock = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -31,6 +36,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         }
     };
     sock.set_reuseaddr(true)?;
+    if transparent {
+        setsockopt(&sock, sockopt::IpTransparent, &true)?;
+    }
     sock.bind(addr)?;
     sock.listen(BACKLOG)
 }

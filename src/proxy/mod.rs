@@ -55,7 +55,8 @@ pub enum Mode {
     /// Captured by nat REDIRECT; the original destination comes from SO_ORIGINAL_DST.
     #[default]
     Redirect,
-    /// TPROXY (not implemented yet: refused at start).
+    /// Inbound by TPROXY: a transparent listener, and the app sees the real client address
+    /// (needs CAP_NET_ADMIN, which is kept across --user).
     Tproxy,
 }
 
@@ -133,9 +134,12 @@ pub struct ProxyArgs {
     /// DNS servers to forward to, IP[:PORT] comma separated (default: the resolv.conf servers)
     #[arg(long, env = "SHUNT_PROXY_DNS_UPSTREAM", value_delimiter = ',', value_parser = dns::parse_upstream, value_name = "IP[:PORT],...")]
     pub dns_upstream: Vec<SocketAddr>,
-    /// Interception mode the capture rules use (tproxy is refused: not implemented yet)
+    /// Interception mode the capture rules use
     #[arg(long, value_enum, env = "SHUNT_PROXY_MODE", default_value_t)]
     pub mode: Mode,
+    /// tproxy mode: the mark on the proxy's connections to the app (the capture's --tproxy-mark)
+    #[arg(long, env = "SHUNT_PROXY_TPROXY_MARK", default_value_t = 1337)]
+    pub tproxy_mark: u32,
     /// Bind, then drop to this user: UID[:GID] (default: keep running as started)
     #[arg(long, env = "SHUNT_PROXY_USER", value_parser = parse_user, value_name = "UID[:GID]")]
     pub user: Option<User>,
@@ -166,10 +170,11 @@ pub struct ProxyArgs {
 impl ProxyArgs {
     /// Refuses what this build cannot do, naming the value.
     pub fn validate(&self) -> Result<(), ProxyError> {
-        if self.mode == Mode::Tproxy {
+        if self.mode == Mode::Tproxy && self.workers != 1 {
+            // Capabilities are per thread: only the thread that switches user keeps CAP_NET_ADMIN.
             return Err(ProxyError::Unsupported {
-                what: "--mode tproxy".into(),
-                hint: "; use --mode redirect (the default capture mode)".into(),
+                what: format!("--mode tproxy with --workers {}", self.workers),
+                hint: "; tproxy mode runs with --workers 1".into(),
             });
         }
         let ports = [
@@ -230,6 +235,7 @@ impl ProxyArgs {
             "dns_port": self.dns_port,
             "dns_upstream": self.dns_upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mode": self.mode,
+            "tproxy_mark": (self.mode == Mode::Tproxy).then_some(self.tproxy_mark),
             "user": self.user.map(|u| u.to_string()),
             "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
             "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
@@ -253,6 +259,8 @@ pub struct Shared {
     max_connections: u64,
     /// Where DNS over TCP goes.
     dns_upstream: Option<SocketAddr>,
+    /// tproxy mode: the mark for transparent connections to the app.
+    tproxy_mark: Option<u32>,
 }
 
 /// Raises the soft descriptor limit to the hard one; returns the limit in force.
@@ -288,7 +296,9 @@ fn local_ips() -> Vec<IpAddr> {
     ips
 }
 
-fn drop_privileges(user: User) -> Result<(), ProxyError> {
+/// Switches to `user`. With `keep_net_admin` (tproxy mode) the thread keeps CAP_NET_ADMIN and
+/// CAP_NET_RAW, and nothing else, for IP_TRANSPARENT and SO_MARK on its connections to the app.
+fn drop_privileges(user: User, keep_net_admin: bool) -> Result<(), ProxyError> {
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
     let err = |source| ProxyError::User {
         spec: user.to_string(),
@@ -297,9 +307,59 @@ fn drop_privileges(user: User) -> Result<(), ProxyError> {
     let gid = Gid::from_raw(user.gid);
     setgroups(&[gid]).map_err(err)?;
     setgid(gid).map_err(err)?;
+    if keep_net_admin {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { nix::libc::prctl(nix::libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+        nix::errno::Errno::result(r).map_err(err)?;
+    }
     // glibc applies setuid to every thread of the process.
     setuid(Uid::from_raw(user.uid)).map_err(err)?;
+    if keep_net_admin {
+        caps::keep_net_admin().map_err(err)?;
+    }
     Ok(())
+}
+
+/// capset(2), which neither nix nor libc wraps.
+mod caps {
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_NET_RAW: u32 = 13;
+
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    /// Effective = permitted = {CAP_NET_ADMIN, CAP_NET_RAW} for the calling thread.
+    pub fn keep_net_admin() -> nix::Result<()> {
+        let bits = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
+        let header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let data = [
+            Data {
+                effective: bits,
+                permitted: bits,
+                inheritable: 0,
+            },
+            Data::default(),
+        ];
+        // SAFETY: the header and two data words have the layout capset(2) expects for
+        // _LINUX_CAPABILITY_VERSION_3, and both outlive the call.
+        let r = unsafe { nix::libc::syscall(nix::libc::SYS_capset, &header, data.as_ptr()) };
+        nix::errno::Errno::result(r).map(drop)
+    }
 }
 
 pub fn run(args: ProxyArgs) -> Result<(), ProxyError> {
@@ -327,15 +387,17 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         (Direction::Outbound, args.outbound_port),
         (Direction::Inbound, args.inbound_port),
     ] {
+        let transparent = dir == Direction::Inbound && args.mode == Mode::Tproxy;
+        let bind = |a| listener::bind_with(a, transparent);
         let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let l = listener::bind(v4).map_err(|source| ProxyError::Bind {
+        let l = bind(v4).map_err(|source| ProxyError::Bind {
             what: dir.name(),
             addr: v4,
             source,
         })?;
         listeners.push((dir, l));
         let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        match listener::bind(v6) {
+        match bind(v6) {
             Ok(l) => listeners.push((dir, l)),
             // A namespace without IPv6 still gets an IPv4 proxy.
             Err(e) => tracing::warn!(direction = dir.name(), "no IPv6 listener on {v6}: {e}"),
@@ -376,7 +438,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     })?;
     let admin_addr = admin.local_addr().unwrap_or(args.admin_addr);
     if let Some(user) = args.user {
-        drop_privileges(user)?;
+        drop_privileges(user, args.mode == Mode::Tproxy)?;
     }
     if listeners.iter().any(|(d, _)| *d == Direction::Dns) {
         // After the switch to --user: the capture rules tell the forwarder's replies by the
@@ -406,6 +468,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         connect_timeout: args.connect_timeout,
         max_connections,
         dns_upstream: dns_upstreams.first().copied(),
+        tproxy_mark: (args.mode == Mode::Tproxy).then_some(args.tproxy_mark),
     });
     let upstreams: Arc<[SocketAddr]> = dns_upstreams.clone().into();
     for sock in dns_udp {
