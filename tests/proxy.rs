@@ -438,6 +438,44 @@ fn sigterm_drains_running_transfers_refuses_new_ones_and_exits_zero() {
 }
 
 #[test]
+fn drain_timeout_cuts_what_is_left_logs_it_in_json_and_exits_zero() {
+    require_netns!();
+    let t = Topology::new();
+    t.pod.shunt(&["apply"]);
+    let mut proxy = Proxy::start_wrapped(
+        &t.pod,
+        &["env", "SHUNT_LOG_FORMAT=json"],
+        &["--drain-timeout", "1s"],
+    );
+    let _echo = echo_server(t.remote.listen("0.0.0.0:9700"), Duration::from_secs(10));
+    let c = app_connect(&t, &hp(REMOTE_V4, 9700));
+    echo(&c, b"idle from now on").unwrap();
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait_exit(Duration::from_secs(5)).expect("no exit");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // Every log line is a JSON object; the cut connection has its access line.
+    let log = proxy.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let cut = lines
+        .iter()
+        .find(|v| v["fields"]["end"] == "drain_timeout")
+        .unwrap_or_else(|| panic!("no drain_timeout access line:\n{log}"));
+    assert_eq!(cut["fields"]["dst"], "10.200.0.1:9700");
+    assert_eq!(cut["fields"]["direction"], "outbound");
+    assert_eq!(cut["fields"]["tx_bytes"], 16);
+    assert_eq!(cut["fields"]["rx_bytes"], 16);
+}
+
+#[test]
 fn every_admin_endpoint_answers_and_prometheus_text_parses() {
     require_netns!();
     let t = Topology::new();
