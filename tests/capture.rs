@@ -1179,3 +1179,125 @@ fn tproxy_delivers_inbound_with_the_client_address() {
     }
     assert!(!t.pod.iptables_save("nft", false).contains("SHUNT"));
 }
+
+/// The pod kernel's count of TCP resets sent (`Tcp: ... OutRsts` in /proc/net/snmp).
+fn out_rsts(ns: &Ns) -> u64 {
+    let snmp = ns.must(&["cat", "/proc/net/snmp"]);
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "OutRsts")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// --drop-invalid: a stray ACK that conntrack cannot place (strict tracking) makes the app's
+/// kernel answer with a reset; with --drop-invalid it is dropped before it gets there.
+#[test]
+fn drop_invalid_stops_stray_resets() {
+    require_netns!();
+    if !std::path::Path::new("/usr/sbin/hping3").exists() {
+        eprintln!("SKIPPED: /usr/sbin/hping3 missing (apt-get install hping3)");
+        return;
+    }
+    let t = Topology::new();
+    let _app = t.pod.listen("[::]:8080");
+    let stray = |t: &Topology| {
+        let before = out_rsts(&t.pod);
+        // hping3 exits 1 when nothing answers; the pod's counter is what matters.
+        t.remote.exec(&[
+            "/usr/sbin/hping3",
+            "-q",
+            "-A",
+            "-c",
+            "1",
+            "-p",
+            "8080",
+            POD_V4,
+        ]);
+        std::thread::sleep(Duration::from_millis(300));
+        out_rsts(&t.pod) - before
+    };
+    for (flags, want) in [
+        (&["--ipv6", "off"][..], 1),
+        (&["--ipv6", "off", "--drop-invalid"], 0),
+    ] {
+        let mut args = vec!["apply"];
+        args.extend_from_slice(flags);
+        ok(&t.pod.shunt(&args));
+        // Strict tracking: a packet without SYN cannot start a connection, so it is INVALID.
+        t.pod
+            .must(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
+        assert_eq!(stray(&t), want, "{flags:?}");
+    }
+}
+
+/// istio-iptables with TPROXY (-m TPROXY -t -r) and with DNS capture (servers from the pod's
+/// resolv.conf, as Istio reads them).
+#[test]
+fn istio_iptables_tproxy_and_dns() {
+    use nix::sys::socket::{self as s, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    require_netns!();
+    let t = Topology::new();
+    ok(&t.pod.shunt(&[
+        "istio-iptables",
+        "-u",
+        "1337",
+        "-m",
+        "TPROXY",
+        "-t",
+        "77",
+        "-r",
+        "177",
+        "-b",
+        "*",
+        "-i",
+        "*",
+    ]));
+    assert!(t
+        .pod
+        .must(&["ip", "rule"])
+        .contains("fwmark 0x4d lookup 177"));
+    let l = transparent(&t.pod, 1337, None, false);
+    s::bind(l.as_raw_fd(), &SockaddrStorage::from(sa("0.0.0.0", 15006))).unwrap();
+    s::listen(&l, s::Backlog::new(4).unwrap()).unwrap();
+    let listener = TcpListener::from(l);
+    let _c = t.remote.connect_as(0, 0, &hp(POD_V4, 8080)).unwrap();
+    let (conn, peer) = accept_within(&listener, Duration::from_secs(3)).expect("not tproxied");
+    assert_eq!(
+        (conn.local_addr().unwrap(), peer.ip()),
+        (sa(POD_V4, 8080), sa(REMOTE_V4, 0).ip())
+    );
+    ok(&t.pod.shunt(&[
+        "clean",
+        "--tproxy-mark",
+        "77",
+        "--tproxy-route-table",
+        "177",
+    ]));
+    assert!(!t.pod.must(&["ip", "rule"]).contains("lookup 177"));
+
+    // DNS: `ip netns exec` and shunt read /etc/netns/NAME/resolv.conf for a named namespace.
+    struct Resolv(std::path::PathBuf);
+    impl Drop for Resolv {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Resolv(std::path::Path::new("/etc/netns").join(&t.pod.name));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(
+        dir.0.join("resolv.conf"),
+        format!("nameserver {REMOTE_V4}\n"),
+    )
+    .unwrap();
+    ok(&t
+        .pod
+        .shunt(&["istio-iptables", "-u", "1337", "--redirect-dns"]));
+    let dns = udp_as(&t.pod, 1337, 1337, "127.0.0.1:15053");
+    let app = udp_as(&t.pod, 1000, 1000, "0.0.0.0:0");
+    app.send_to(b"lookup", hp(REMOTE_V4, 53)).unwrap();
+    assert_eq!(recv(&dns).map(|(m, _)| m).as_deref(), Some("lookup"));
+}
