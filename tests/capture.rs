@@ -588,6 +588,16 @@ fn bad_values_exit_2_and_apply_nothing() {
         (&["--inbound-port", "15001"], "15001"),
         (&["--mode", "sideways"], "sideways"),
         (&["--ipv6", "maybe"], "maybe"),
+        (&["--mode", "tproxy", "--tproxy-mark", "0"], "--tproxy-mark"),
+        (&["--capture-all-dns"], "--redirect-dns"),
+        (
+            &["--exclude-interfaces", "sixteen-bytes-xx"],
+            "sixteen-bytes-xx",
+        ),
+        (
+            &["--redirect-dns", "--dns-servers", "8.8.8.8,dns.example"],
+            "dns.example",
+        ),
     ];
     for (args, needle) in cases {
         let mut full = vec!["apply"];
