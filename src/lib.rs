@@ -52,7 +52,10 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) => exit::USAGE,
+            Error::Config(_)
+            | Error::Proxy(proxy::ProxyError::Config(_) | proxy::ProxyError::Unsupported { .. }) => {
+                exit::USAGE
+            }
             _ => exit::FAILURE,
         }
     }

@@ -729,6 +729,7 @@ fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
 
 #[test]
 fn bad_flags_are_refused_naming_the_value() {
+    // Usage and configuration errors, caught by clap or by validation, all exit 2.
     let run = |args: &[&str]| {
         let out = std::process::Command::new(common::SHUNT)
             .arg("proxy")
@@ -754,13 +755,13 @@ fn bad_flags_are_refused_naming_the_value() {
     assert_eq!(code, Some(2));
     assert!(err.contains("soon"), "{err}");
     let (code, err) = run(&["--mode", "tproxy", "--workers", "2"]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("tproxy") && err.contains("--workers 2"),
         "{err}"
     );
     let (code, err) = run(&["--inbound-port", "15001"]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(2));
     assert!(err.contains("15001"), "{err}");
     // The same flag from the environment.
     let out = std::process::Command::new(common::SHUNT)
