@@ -2,7 +2,7 @@
 # Proxy benchmark (SPEC §9): direct vs HAProxy vs `shunt proxy`, interleaved in one run, on the
 # same namespaces and the same shunt capture rules. Prints every figure as a ratio to direct.
 #
-#   sudo scripts/bench-proxy.sh                 # ROUNDS=2 DUR=5 by default (about 3 minutes)
+#   scripts/bench-proxy.sh (root)               # ROUNDS=2 DUR=5 by default (about 3 minutes)
 #   ROUNDS=3 DUR=8 SHUNT_ARGS="--relay copy" scripts/bench-proxy.sh
 #
 # Topology: a pod namespace (capture rules, sidecar, wrk / iperf3 client) and a remote namespace
