@@ -21,7 +21,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings only on a terminal.
+if [[ -t 1 ]]; then b=$'\033[1m' n=$'\033[0m'; else b='' n=''; fi
+step() { printf '\n%s== %s%s\n' "$b" "$*" "$n"; }
 in_pod() { ip netns exec "$pod" "$@"; }
 as_app() { in_pod setpriv --reuid 1000 --regid 1000 --clear-groups "$@"; }
 
