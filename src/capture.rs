@@ -142,24 +142,28 @@ impl Target {
 
     /// Reads what is installed now, for each family in play (in parallel).
     fn read(&mut self, families: &[Family]) -> Result<Vec<FamilyState>, NetfilterError> {
-        let kept = self.v4.take();
+        let mut kept = self.v4.take();
         let to_read: Vec<(Backend, Family)> = families
             .iter()
             .filter(|f| !(**f == Family::V4 && kept.is_some()))
             .map(|f| (self.backend, *f))
             .collect();
+        // save_all returns one save per family asked, in order; the kept IPv4 one fills its gap.
         let mut fresh = netfilter::save_all(&to_read, self.ns())?.into_iter();
-        let mut kept = kept;
         families
             .iter()
             .map(|&family| {
-                let saved = match family {
-                    Family::V4 if kept.is_some() => kept.take(),
-                    _ => fresh.next(),
+                let saved = if family == Family::V4 {
+                    kept.take()
+                } else {
+                    None
                 };
-                let saved = saved.ok_or_else(|| NetfilterError::MissingTool {
-                    tool: self.backend.tool(family, "save"),
-                })?;
+                let saved =
+                    saved
+                        .or_else(|| fresh.next())
+                        .ok_or_else(|| NetfilterError::MissingTool {
+                            tool: self.backend.tool(family, "save"),
+                        })?;
                 Ok(FamilyState {
                     family,
                     views: netfilter::views(&saved),
