@@ -763,6 +763,13 @@ fn bad_flags_are_refused_naming_the_value() {
     let (code, err) = run(&["--inbound-port", "15001"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("15001"), "{err}");
+    // The DNS forwarder never forwards to itself.
+    let (code, err) = run(&["--dns-upstream", "127.0.0.1:15053"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("127.0.0.1:15053") && err.contains("loop"),
+        "{err}"
+    );
     // The same flag from the environment.
     let out = std::process::Command::new(common::SHUNT)
         .args(["proxy"])

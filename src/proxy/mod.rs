@@ -218,6 +218,16 @@ impl ProxyArgs {
                 self.pipe_size
             )));
         }
+        if let Some(own) = self
+            .dns_upstream
+            .iter()
+            .find(|u| self.dns_port != 0 && forwards_to_itself(u, self.dns_port))
+        {
+            return Err(ProxyError::Config(format!(
+                "--dns-upstream {own} is this proxy's own DNS port: queries would loop; give the \
+                 real DNS servers"
+            )));
+        }
         if self.max_connections == Some(0) {
             return Err(ProxyError::Config(
                 "--max-connections 0 would refuse everything".into(),
@@ -408,6 +418,8 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     if args.dns_port != 0 && dns_upstreams.is_empty() {
         let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         dns_upstreams = dns::resolv_conf_servers(&conf);
+        // Never forward to ourselves (a resolv.conf naming the forwarder's own port).
+        dns_upstreams.retain(|u| !forwards_to_itself(u, args.dns_port));
     }
     let mut dns_udp = vec![];
     if args.dns_port != 0 && dns_upstreams.is_empty() {
@@ -579,6 +591,11 @@ async fn drain(shared: &Shared, stop: &watch::Sender<bool>, timeout: Duration) {
         waited_ms = started.elapsed().as_millis() as u64,
         "drained; exiting"
     );
+}
+
+/// An upstream that is this forwarder: its port on a loopback or unspecified address.
+fn forwards_to_itself(upstream: &SocketAddr, dns_port: u16) -> bool {
+    upstream.port() == dns_port && (upstream.ip().is_loopback() || upstream.ip().is_unspecified())
 }
 
 #[cfg(test)]
