@@ -1311,3 +1311,44 @@ fn istio_iptables_tproxy_and_dns() {
     app.send_to(b"lookup", hp(REMOTE_V4, 53)).unwrap();
     assert_eq!(recv(&dns).map(|(m, _)| m).as_deref(), Some("lookup"));
 }
+
+/// --proxy-port / --inbound-port move the capture ports; --exclude-interfaces lets an
+/// interface's traffic through untouched, both ways.
+#[test]
+fn ports_and_excluded_interfaces_change_real_traffic() {
+    require_netns!();
+    let t = Topology::new();
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--proxy-port",
+        "16001",
+        "--inbound-port",
+        "16006",
+        "--ipv6",
+        "off",
+    ]));
+    let out = t.pod.listen("0.0.0.0:16001");
+    let inb = t.pod.listen("0.0.0.0:16006");
+    let _c = t.pod.connect_as(1000, 1000, &hp(REMOTE_V4, 8080)).unwrap();
+    let (s, _) = accept_within(&out, Duration::from_secs(3)).expect("not on 16001");
+    assert_eq!(original_dst(&s), sa(REMOTE_V4, 8080));
+    let _c = t.remote.connect_as(0, 0, &hp(POD_V4, 8080)).unwrap();
+    let (s, _) = accept_within(&inb, Duration::from_secs(3)).expect("not on 16006");
+    assert_eq!(original_dst(&s), sa(POD_V4, 8080));
+    drop((out, inb));
+
+    ok(&t
+        .pod
+        .shunt(&["apply", "--exclude-interfaces", "eth0", "--ipv6", "on"]));
+    let p = Probe::new(&t);
+    for (pod_ip, remote_ip) in [(POD_V4, REMOTE_V4), (POD_V6, REMOTE_V6)] {
+        assert_eq!(
+            p.probe(&t.pod, 1000, 1000, None, &hp(remote_ip, 8080)),
+            Landed::Direct("remote:8080")
+        );
+        assert_eq!(
+            p.probe(&t.remote, 0, 0, None, &hp(pod_ip, 8080)),
+            Landed::Direct("pod:8080")
+        );
+    }
+}
