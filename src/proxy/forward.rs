@@ -73,6 +73,10 @@ pub fn access_log(
     end: End,
     error: Option<&io::Error>,
 ) {
+    // Under `-q` the line is filtered out: skip the formatting (a String per connection).
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
     let dst = dst.map_or_else(|| "-".to_string(), |d| d.to_string());
     let ms = started.map_or(0, |s| s.elapsed().as_millis() as u64);
     match error {
@@ -210,7 +214,7 @@ pub async fn handle(
         );
         return;
     }
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY is inherited from the listening socket (see `listener::bind_with`).
     let guard = shared.stats.open(dir, peer, dst);
     let upstream = match connect(dst, source, shared.tproxy_mark, shared.connect_timeout).await {
         Ok(s) => s,

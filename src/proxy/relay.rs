@@ -131,14 +131,20 @@ impl Relay {
         // fills the buffer the stream is bulk and, in splice mode, moves through a pipe.
         let mut bulk = false;
         loop {
-            src.readable().await.map_err(PumpError::Read)?;
+            let ready = src
+                .ready(Interest::READABLE | Interest::ERROR)
+                .await
+                .map_err(PumpError::Read)?;
+            // The FIN is already in (and no error): a read that drains the socket is the last
+            // one, which saves the recv that would only return 0.
+            let fin = ready.is_read_closed() && !ready.is_error();
             let (eof, still_bulk) = match (bulk, self.mode) {
                 (true, RelayMode::Splice) => match self.take_pipe(stats) {
                     Ok(pipe) => self.splice_round(src, dst, pipe, &count).await?,
                     // No descriptors left for a pipe (EMFILE): copy this round instead.
-                    Err(_) => self.copy_round(stats, src, dst, &count).await?,
+                    Err(_) => self.copy_round(stats, src, dst, fin, &count).await?,
                 },
-                _ => self.copy_round(stats, src, dst, &count).await?,
+                _ => self.copy_round(stats, src, dst, fin, &count).await?,
             };
             bulk = still_bulk;
             if eof {
@@ -214,6 +220,7 @@ impl Relay {
         stats: &Stats,
         src: &TcpStream,
         dst: &TcpStream,
+        fin: bool,
         count: &impl Fn(u64),
     ) -> Result<(bool, bool), PumpError> {
         let mut buf = self.take_buf(stats);
@@ -240,6 +247,10 @@ impl Relay {
                 }
             }
             count(n as u64);
+            if drained && fin {
+                self.put_buf(buf);
+                return Ok((true, false));
+            }
             // Drained: wait for more. Full in splice mode: the rest goes through a pipe.
             if drained || (full && self.mode == RelayMode::Splice) {
                 break;
