@@ -20,6 +20,27 @@ fn ip(args: &[&str], ns: Option<&Netns>) -> Result<Running, NetfilterError> {
     spawn_tool("ip", args, None, ns)
 }
 
+/// `ip route replace|del local default dev lo table T`
+fn local_default(
+    family: Family,
+    verb: &str,
+    table: &str,
+    ns: Option<&Netns>,
+) -> Result<(), NetfilterError> {
+    let args = [
+        fam(family),
+        "route",
+        verb,
+        "local",
+        "default",
+        "dev",
+        "lo",
+        "table",
+        table,
+    ];
+    ip(&args, ns)?.wait().map(drop)
+}
+
 fn json(text: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(text)
         .ok()
@@ -67,21 +88,7 @@ pub fn ensure(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, Ne
     let (rule, route) = present(family, r, ns)?;
     let (mark, table) = (r.mark.to_string(), r.table.to_string());
     if !route {
-        ip(
-            &[
-                fam(family),
-                "route",
-                "replace",
-                "local",
-                "default",
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ],
-            ns,
-        )?
-        .wait()?;
+        local_default(family, "replace", &table, ns)?;
     }
     if !rule {
         ip(
@@ -127,21 +134,7 @@ pub fn remove(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, Ne
         rule = present(family, r, ns)?.0;
     }
     if route {
-        ip(
-            &[
-                fam(family),
-                "route",
-                "del",
-                "local",
-                "default",
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ],
-            ns,
-        )?
-        .wait()?;
+        local_default(family, "del", &table, ns)?;
     }
     Ok(removed)
 }

@@ -203,17 +203,18 @@ fn netns_gone(netns: &str) -> bool {
     !Path::new(netns).exists()
 }
 
+/// The `cniVersion` the runtime asked for (the newest when it did not say).
+fn requested_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+        .unwrap_or_else(|| "1.1.0".into())
+}
+
 /// Runs one CNI command; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
 fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if command == "VERSION" {
-        let requested = serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| {
-                v.get("cniVersion")
-                    .and_then(Value::as_str)
-                    .map(String::from)
-            })
-            .unwrap_or_else(|| "1.1.0".into());
+        let requested = requested_version(stdin);
         return Ok(Some(json!({
             "cniVersion": requested,
             "supportedVersions": SUPPORTED_VERSIONS,
@@ -367,14 +368,7 @@ pub fn run_plugin(command: &str) -> i32 {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     init_logging(&stdin);
-    let version = serde_json::from_slice::<Value>(&stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "1.1.0".into());
+    let version = requested_version(&stdin);
     let result = match read {
         Ok(_) => dispatch(command, &stdin),
         Err(e) => Err(cni_err(code::IO, "cannot read stdin", e.to_string())),
