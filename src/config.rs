@@ -145,6 +145,28 @@ raw_options! {
     netns: "SHUNT_NETNS";
 }
 
+/// `--config FILE` plus the capture options: the argument group every command that takes
+/// capture options flattens in.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptureArgs {
+    /// TOML file with capture options (keys are the flag names with '_' for '-')
+    #[arg(long, env = "SHUNT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: RawOptions,
+}
+
+impl CaptureArgs {
+    /// flag > env (both from clap) > file > built-in default, then validation.
+    pub fn resolve(&self) -> Result<CaptureConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => RawOptions::default(),
+        };
+        self.options.clone().layer(file).resolve()
+    }
+}
+
 /// Reads a TOML config file into the raw layer; unknown keys are errors (typos must not be
 /// silently ignored in a tool that decides where traffic goes).
 pub fn read_file(path: &Path) -> Result<RawOptions, ConfigError> {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use shunt::config::{self, CaptureConfig, RawOptions};
+use shunt::config::{self, CaptureArgs};
 use shunt::{capture, cni, exit, explain, istio, logging, plan, proxy, render, Error};
 
 #[derive(Parser)]
@@ -33,26 +33,6 @@ struct Cli {
     log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::Args)]
-struct Capture {
-    /// TOML file with capture options (keys are the flag names with '_' for '-')
-    #[arg(long, env = "SHUNT_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    options: RawOptions,
-}
-
-impl Capture {
-    /// flag > env (both from clap) > file > built-in default, then validation.
-    fn resolve(&self) -> Result<CaptureConfig, config::ConfigError> {
-        let file = match &self.config {
-            Some(path) => config::read_file(path)?,
-            None => RawOptions::default(),
-        };
-        self.options.clone().layer(file).resolve()
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -86,7 +66,7 @@ enum Command {
     )]
     Render {
         #[command(flatten)]
-        capture: Capture,
+        capture: CaptureArgs,
         #[command(flatten)]
         output: Output,
     },
@@ -96,7 +76,7 @@ enum Command {
     )]
     Apply {
         #[command(flatten)]
-        capture: Capture,
+        capture: CaptureArgs,
         /// Print what would change and change nothing
         #[arg(long)]
         dry_run: bool,
@@ -107,7 +87,7 @@ enum Command {
     #[command(after_help = "Examples:\n  shunt clean\n  shunt clean --netns /proc/4242/ns/net")]
     Clean {
         #[command(flatten)]
-        capture: Capture,
+        capture: CaptureArgs,
         #[command(flatten)]
         output: Output,
     },
@@ -117,7 +97,7 @@ enum Command {
     )]
     Check {
         #[command(flatten)]
-        capture: Capture,
+        capture: CaptureArgs,
         #[command(flatten)]
         output: Output,
     },

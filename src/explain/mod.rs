@@ -25,7 +25,8 @@ pub use eval::{
 };
 pub use validate::{run_validate, ValidateArgs};
 
-use crate::config::{self, BackendChoice, CaptureConfig, RawOptions};
+pub use crate::config::CaptureArgs;
+use crate::config::{self, BackendChoice, CaptureConfig};
 use crate::netfilter::{self, Backend};
 use crate::netns::{self, Netns};
 use crate::plan::{self, Family};
@@ -64,27 +65,6 @@ fn with_usage_exit(f: impl FnOnce() -> Result<i32, crate::Error>) -> Result<i32,
             Ok(exit::USAGE)
         }
         other => other,
-    }
-}
-
-/// `--config FILE` plus the capture options, resolved the way the capture commands do.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CaptureArgs {
-    /// TOML file with capture options (keys are the flag names with '_' for '-')
-    #[arg(long, env = "SHUNT_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub options: RawOptions,
-}
-
-impl CaptureArgs {
-    /// flag > env > file > default, then validation.
-    pub fn resolve(&self) -> Result<CaptureConfig, config::ConfigError> {
-        let file = match &self.config {
-            Some(path) => config::read_file(path)?,
-            None => RawOptions::default(),
-        };
-        self.options.clone().layer(file).resolve()
     }
 }
 
