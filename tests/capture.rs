@@ -1122,6 +1122,11 @@ fn transparent(ns: &Ns, uid: u32, mark: Option<u32>, v6: bool) -> std::os::fd::O
             let fd = s::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
             s::setsockopt(&fd, s::sockopt::IpTransparent, &true).unwrap();
             s::setsockopt(&fd, s::sockopt::ReuseAddr, &true).unwrap();
+            if v6 {
+                // An IPv6 listener on [::]:15006 must not also claim IPv4's port: the IPv4
+                // listener's accepted connections still hold 0.0.0.0:15006.
+                s::setsockopt(&fd, s::sockopt::Ipv6V6Only, &true).unwrap();
+            }
             if let Some(m) = mark {
                 s::setsockopt(&fd, s::sockopt::Mark, &m).unwrap();
             }
