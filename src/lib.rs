@@ -53,6 +53,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_)
+            | Error::Explain(explain::ExplainError::Usage { .. })
             | Error::Proxy(proxy::ProxyError::Config(_) | proxy::ProxyError::Unsupported { .. }) => {
                 exit::USAGE
             }

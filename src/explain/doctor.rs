@@ -678,18 +678,16 @@ pub fn text(checks: &[Check]) -> String {
 
 /// Runs `shunt doctor`; returns the process exit code (non-zero on any failed check).
 pub fn run_doctor(args: DoctorArgs) -> Result<i32, crate::Error> {
-    super::with_usage_exit(|| {
-        let cfg = args.capture.resolve()?;
-        let checks = doctor(&cfg)?;
-        let failed = checks.iter().any(|c| c.status == Status::Fail);
-        if args.json || args.format == DoctorFormat::Json {
-            let v = serde_json::json!({ "ok": !failed, "checks": checks });
-            print(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"));
-        } else {
-            print(&text(&checks));
-        }
-        Ok(if failed { exit::FAILURE } else { exit::OK })
-    })
+    let cfg = args.capture.resolve()?;
+    let checks = doctor(&cfg)?;
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    if args.json || args.format == DoctorFormat::Json {
+        let v = serde_json::json!({ "ok": !failed, "checks": checks });
+        print(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"));
+    } else {
+        print(&text(&checks));
+    }
+    Ok(if failed { exit::FAILURE } else { exit::OK })
 }
 
 #[cfg(test)]

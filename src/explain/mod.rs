@@ -56,18 +56,6 @@ fn usage(option: &'static str, value: &str, reason: impl Into<String>) -> Explai
     }
 }
 
-/// Runs a command's body and turns usage errors into exit code 2 (printed here, since the
-/// lib-wide error maps every explain error to 1).
-fn with_usage_exit(f: impl FnOnce() -> Result<i32, crate::Error>) -> Result<i32, crate::Error> {
-    match f() {
-        Err(crate::Error::Explain(e @ ExplainError::Usage { .. })) => {
-            tracing::error!("{e}");
-            Ok(exit::USAGE)
-        }
-        other => other,
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ExplainFormat {
     #[default]
@@ -681,23 +669,21 @@ pub fn explain_packet(
 
 /// Runs `shunt explain`; returns the process exit code.
 pub fn run_explain(args: ExplainArgs) -> Result<i32, crate::Error> {
-    with_usage_exit(|| {
-        let cfg = args.capture.resolve()?;
-        let q = query_from_args(&args)?;
-        let (e, source) = explain_packet(&cfg, args.rules.as_deref(), &q)?;
-        let format = if args.json {
-            ExplainFormat::Json
-        } else {
-            args.format
-        };
-        let out = match format {
-            ExplainFormat::Json => serde_json::to_string_pretty(&e).unwrap_or_default() + "\n",
-            ExplainFormat::Mermaid => report::mermaid(&e),
-            ExplainFormat::Text => format!("rules:   {source}\n{}", report::text(&e)),
-        };
-        print(&out);
-        Ok(exit::OK)
-    })
+    let cfg = args.capture.resolve()?;
+    let q = query_from_args(&args)?;
+    let (e, source) = explain_packet(&cfg, args.rules.as_deref(), &q)?;
+    let format = if args.json {
+        ExplainFormat::Json
+    } else {
+        args.format
+    };
+    let out = match format {
+        ExplainFormat::Json => serde_json::to_string_pretty(&e).unwrap_or_default() + "\n",
+        ExplainFormat::Mermaid => report::mermaid(&e),
+        ExplainFormat::Text => format!("rules:   {source}\n{}", report::text(&e)),
+    };
+    print(&out);
+    Ok(exit::OK)
 }
 
 fn print(s: &str) {

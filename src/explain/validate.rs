@@ -363,59 +363,57 @@ pub fn validate(
 /// Runs `shunt validate`; returns the process exit code (`exit::VALIDATION_FAILED` when
 /// capture does not work).
 pub fn run_validate(args: ValidateArgs) -> Result<i32, crate::Error> {
-    super::with_usage_exit(|| {
-        let cfg = args.capture.resolve()?;
-        let timeout = parse_duration(&args.timeout)
-            .ok_or_else(|| usage("--timeout", &args.timeout, "expected e.g. 5s or 500ms"))?;
-        let target = match &args.target {
-            Some(t) => parse_socket_addr("--target", t)?,
-            None => default_target(&cfg)?,
+    let cfg = args.capture.resolve()?;
+    let timeout = parse_duration(&args.timeout)
+        .ok_or_else(|| usage("--timeout", &args.timeout, "expected e.g. 5s or 500ms"))?;
+    let target = match &args.target {
+        Some(t) => parse_socket_addr("--target", t)?,
+        None => default_target(&cfg)?,
+    };
+    let uid = args.uid.unwrap_or_else(|| first_free(&cfg.proxy_uid));
+    let gid = args.gid.unwrap_or_else(|| first_free(&cfg.proxy_gid));
+    if in_ranges(&cfg.proxy_uid, uid) {
+        return Err(usage(
+            "--uid",
+            &uid.to_string(),
+            "is a proxy uid, whose traffic is never captured",
+        )
+        .into());
+    }
+    if in_ranges(&cfg.proxy_gid, gid) {
+        return Err(usage(
+            "--gid",
+            &gid.to_string(),
+            "is a proxy gid, whose traffic is never captured",
+        )
+        .into());
+    }
+    let ns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+    let v = validate(ns.as_ref(), cfg.proxy_port, target, uid, gid, timeout)?;
+    if args.json {
+        print(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"));
+    } else {
+        let how = match v.listener {
+            "bound" => format!("listened on :{} itself (nothing listened there)", v.port),
+            _ => format!(
+                "found a listener already on :{} (the proxy?) and connected through it",
+                v.port
+            ),
         };
-        let uid = args.uid.unwrap_or_else(|| first_free(&cfg.proxy_uid));
-        let gid = args.gid.unwrap_or_else(|| first_free(&cfg.proxy_gid));
-        if in_ranges(&cfg.proxy_uid, uid) {
-            return Err(usage(
-                "--uid",
-                &uid.to_string(),
-                "is a proxy uid, whose traffic is never captured",
-            )
-            .into());
-        }
-        if in_ranges(&cfg.proxy_gid, gid) {
-            return Err(usage(
-                "--gid",
-                &gid.to_string(),
-                "is a proxy gid, whose traffic is never captured",
-            )
-            .into());
-        }
-        let ns = cfg.netns.as_deref().map(Netns::open).transpose()?;
-        let v = validate(ns.as_ref(), cfg.proxy_port, target, uid, gid, timeout)?;
-        if args.json {
-            print(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"));
-        } else {
-            let how = match v.listener {
-                "bound" => format!("listened on :{} itself (nothing listened there)", v.port),
-                _ => format!(
-                    "found a listener already on :{} (the proxy?) and connected through it",
-                    v.port
-                ),
-            };
-            print(&format!(
-                "validate: {how}; dialled {} as uid {} gid {}\n{}: {} ({} ms)\n",
-                v.target,
-                v.uid,
-                v.gid,
-                if v.ok { "ok" } else { "FAILED" },
-                v.message,
-                v.elapsed_ms
-            ));
-        }
-        Ok(if v.ok {
-            exit::OK
-        } else {
-            exit::VALIDATION_FAILED
-        })
+        print(&format!(
+            "validate: {how}; dialled {} as uid {} gid {}\n{}: {} ({} ms)\n",
+            v.target,
+            v.uid,
+            v.gid,
+            if v.ok { "ok" } else { "FAILED" },
+            v.message,
+            v.elapsed_ms
+        ));
+    }
+    Ok(if v.ok {
+        exit::OK
+    } else {
+        exit::VALIDATION_FAILED
     })
 }
 
