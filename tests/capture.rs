@@ -1135,6 +1135,16 @@ fn transparent(ns: &Ns, uid: u32, mark: Option<u32>, v6: bool) -> std::os::fd::O
         .unwrap()
 }
 
+/// A transparent listener, as a tproxy-mode proxy has on its inbound port.
+fn transparent_listener(ns: &Ns, addr: SocketAddr) -> TcpListener {
+    use nix::sys::socket::{self as s, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let l = transparent(ns, 1337, None, addr.is_ipv6());
+    s::bind(l.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+    s::listen(&l, s::Backlog::new(16).unwrap()).unwrap();
+    TcpListener::from(l)
+}
+
 /// tproxy mode without the proxy: a transparent listener on 15006 gets the peer's connection
 /// with the peer's own address and the app's address as its local address; a transparent,
 /// marked connection from the client's address reaches the app, whose replies come back.
@@ -1155,10 +1165,7 @@ fn tproxy_delivers_inbound_with_the_client_address() {
     ]));
     for (pod_ip, remote_ip, any) in [(POD_V4, REMOTE_V4, "0.0.0.0"), (POD_V6, REMOTE_V6, "::")] {
         let v6 = pod_ip.contains(':');
-        let l = transparent(&t.pod, 0, None, v6);
-        s::bind(l.as_raw_fd(), &SockaddrStorage::from(sa(any, 15006))).unwrap();
-        s::listen(&l, s::Backlog::new(16).unwrap()).unwrap();
-        let listener = TcpListener::from(l);
+        let listener = transparent_listener(&t.pod, sa(any, 15006));
         let app = t.pod.listen(&hp(pod_ip, 8080));
         // The peer dials the app's port: TPROXY hands it to 15006, addresses untouched.
         let _client = t.remote.connect_as(0, 0, &hp(pod_ip, 8080)).unwrap();
@@ -1252,8 +1259,6 @@ fn drop_invalid_stops_stray_resets() {
 /// resolv.conf, as Istio reads them).
 #[test]
 fn istio_iptables_tproxy_and_dns() {
-    use nix::sys::socket::{self as s, SockaddrStorage};
-    use std::os::fd::AsRawFd;
     require_netns!();
     let t = Topology::new();
     ok(&t.pod.shunt(&[
@@ -1275,10 +1280,7 @@ fn istio_iptables_tproxy_and_dns() {
         .pod
         .must(&["ip", "rule"])
         .contains("fwmark 0x4d lookup 177"));
-    let l = transparent(&t.pod, 1337, None, false);
-    s::bind(l.as_raw_fd(), &SockaddrStorage::from(sa("0.0.0.0", 15006))).unwrap();
-    s::listen(&l, s::Backlog::new(4).unwrap()).unwrap();
-    let listener = TcpListener::from(l);
+    let listener = transparent_listener(&t.pod, sa("0.0.0.0", 15006));
     let _c = t.remote.connect_as(0, 0, &hp(POD_V4, 8080)).unwrap();
     let (conn, peer) = accept_within(&listener, Duration::from_secs(3)).expect("not tproxied");
     assert_eq!(

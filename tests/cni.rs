@@ -524,7 +524,8 @@ fn install_turns_a_lone_conf_into_a_conflist() {
 
 #[test]
 fn status_and_gc_for_cni_1_1() {
-    let run = |cmd: &str, path: &str| {
+    // The plugin alone, as a runtime calls it: CNI_COMMAND, a config on stdin, a PATH.
+    let run = |cmd: &str, conf: &str, path: &str| {
         let mut child = std::process::Command::new(SHUNT)
             .env("CNI_COMMAND", cmd)
             .env("PATH", path)
@@ -534,43 +535,31 @@ fn status_and_gc_for_cni_1_1() {
             .spawn()
             .unwrap();
         use std::io::Write;
-        let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "shunt"});
         child
             .stdin
             .take()
             .unwrap()
-            .write_all(conf.to_string().as_bytes())
+            .write_all(conf.as_bytes())
             .unwrap();
         child.wait_with_output().unwrap()
     };
+    let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "shunt"}).to_string();
     let path = std::env::var("PATH").unwrap_or_default();
-    let ok = run("STATUS", &path);
+    let ok = run("STATUS", &conf, &path);
     assert!(
         ok.status.success() && ok.stdout.is_empty(),
         "{}",
         String::from_utf8_lossy(&ok.stdout)
     );
-    assert!(run("GC", &path).status.success());
+    assert!(run("GC", &conf, &path).status.success());
     // Without iptables the plugin cannot serve pods: CNI's "plugin not available" (50).
-    let down = run("STATUS", "/shunt-empty-path");
+    let down = run("STATUS", &conf, "/shunt-empty-path");
     assert_eq!(down.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&down.stdout).unwrap();
     assert_eq!(v["code"], 50);
     // An unsupported version is refused with code 1, for any command.
-    let mut child = std::process::Command::new(SHUNT)
-        .env("CNI_COMMAND", "ADD")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"cniVersion":"0.2.0","name":"n","type":"shunt"}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let old = r#"{"cniVersion":"0.2.0","name":"n","type":"shunt"}"#;
+    let out = run("ADD", old, &path);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["code"], 1, "{v}");
 }
