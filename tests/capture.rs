@@ -320,6 +320,19 @@ fn apply_is_idempotent_and_converges() {
     );
     assert_eq!(saves(&ns, "nft"), first, "a second apply changed the rules");
 
+    // A loopback connection counts on SHUNT_OUTPUT's `-o lo` rule...
+    let l = ns.listen("127.0.0.1:9000");
+    let _c = ns.connect_as(1000, 1000, "127.0.0.1:9000").unwrap();
+    drop(l);
+    let lo_rule = |ns: &Ns| {
+        ns.must(&["iptables-nft-save", "-c", "-t", "nat"])
+            .lines()
+            .find(|l| l.ends_with("-A SHUNT_OUTPUT -o lo -j RETURN"))
+            .map(String::from)
+            .unwrap()
+    };
+    let counted = lo_rule(&ns);
+    assert!(!counted.starts_with("[0:"), "{counted}");
     // Other options: converge to the new plan, with one jump per built-in chain.
     ok(&ns.shunt(&[
         "apply",
@@ -335,6 +348,9 @@ fn apply_is_idempotent_and_converges() {
         "--exclude-outbound-ports",
         "22",
     ]));
+    // ...and SHUNT_OUTPUT did not change (SHUNT_OUTBOUND and SHUNT_INBOUND did), so it was not
+    // rewritten: its counters survive.
+    assert_eq!(lo_rule(&ns), counted);
     let (v4, v6) = saves(&ns, "nft");
     for s in [&v4, &v6] {
         assert_eq!(
