@@ -37,18 +37,62 @@ Directions: outbound (15001), inbound (15006), dns (DNS over TCP on the DNS port
 tx_bytes flow from the client towards the original destination, rx_bytes back.
 ";
 
+/// One descriptor held back for the admin port, so that `/stats` still answers when relayed
+/// connections have used up every other one: the moment an operator most wants to look.
+#[derive(Default)]
+struct Reserve(std::sync::Mutex<Option<std::fs::File>>);
+
+impl Reserve {
+    fn fill(&self) {
+        if let Ok(mut held) = self.0.lock() {
+            if held.is_none() {
+                *held = std::fs::File::open("/dev/null").ok();
+            }
+        }
+    }
+
+    /// Frees the held descriptor for the next accept; false when there was none.
+    fn release(&self) -> bool {
+        self.0
+            .lock()
+            .map(|mut held| held.take().is_some())
+            .unwrap_or(false)
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
+}
+
 /// Serves until the process exits; one task per admin connection.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let reserve = Arc::new(Reserve::default());
+    reserve.fill();
     loop {
-        let (sock, _) = match listener.accept().await {
-            Ok(s) => s,
+        let mut borrowed = false;
+        let mut accepted = listener.accept().await;
+        if matches!(&accepted, Err(e) if out_of_descriptors(e)) && reserve.release() {
+            // The pending connection is still queued and the listener still readable, so this
+            // accept runs at once and takes the descriptor just freed.
+            borrowed = true;
+            accepted = listener.accept().await;
+        }
+        let sock = match accepted {
+            Ok((sock, _)) => sock,
             Err(e) => {
                 tracing::warn!("admin accept failed: {e}");
+                if borrowed {
+                    reserve.fill();
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let state = state.clone();
+        let reserve = reserve.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
@@ -60,6 +104,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 .serve_connection(TokioIo::new(sock), svc);
             if let Err(e) = conn.await {
                 tracing::debug!("admin connection: {e}");
+            }
+            // The connection (and its socket) is gone: take its descriptor back into reserve.
+            if borrowed {
+                reserve.fill();
             }
         });
     }

@@ -341,9 +341,11 @@ pub fn echo_server(l: std::net::TcpListener, lifetime: Duration) -> std::thread:
     })
 }
 
-/// Sends `msg` and expects it echoed back.
+/// Sends `msg` and expects it echoed back (within the socket's read timeout, 10 s if unset).
 pub fn echo(s: &TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    if s.read_timeout()?.is_none() {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    }
     (&*s).write_all(msg)?;
     let mut back = vec![0u8; msg.len()];
     (&*s).read_exact(&mut back)?;
