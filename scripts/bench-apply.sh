@@ -12,8 +12,7 @@ command -v iptables-nft-restore >/dev/null || need+=(iptables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v strace >/dev/null || need+=(strace)
 if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
-cargo build --release --quiet
-SHUNT=$PWD/target/release/shunt
+SHUNT=$(scripts/build-release.sh)
 work=$(mktemp -d)
 ns=shunt-bench-$$
 cleanup() { ip netns del "$ns" 2>/dev/null || true; rm -rf "$work"; }

@@ -7,8 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "demo: run as root (it creates network namespaces)" >&2; exit 1; }
 scripts/install-deps.sh
-cargo build --release --quiet
-S=$PWD/target/release/shunt
+S=$(scripts/build-release.sh)
 pod=shunt-demo-pod-$$ remote=shunt-demo-remote-$$
 work=$(mktemp -d)
 chmod 755 "$work"
