@@ -7,7 +7,8 @@
 #   ROUNDS=1 DUR=2 SKIP_BUILD=1 MODES="direct shunt" scripts/bench-proxy.sh   # quick check
 #
 # Knobs: ROUNDS, DUR (seconds per run), CONNS (wrk connections, 32), PACED_CONNS (8), MODES,
-# SHUNT_ARGS (extra `shunt proxy` flags), SHUNT (binary), SKIP_BUILD=1 (no cargo build).
+# SHUNT_ARGS (extra `shunt proxy` flags), SHUNT (binary; default: scripts/build-release.sh's),
+# SKIP_BUILD=1 (use the last scripts/build-release.sh output without building).
 # Run time is about ROUNDS x DUR x 17 seconds plus a few seconds of set-up: each round runs
 # 5 measurements x 3 modes, then the mesh phase runs ROUNDS x 2 sidecar modes.
 #
@@ -46,7 +47,7 @@ PACED_CONNS=${PACED_CONNS:-8}
 SHUNT_ARGS=${SHUNT_ARGS:-}
 read -r -a SHUNT_ARGV <<<"$SHUNT_ARGS"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHUNT=${SHUNT:-$ROOT/target/release/shunt}
+SHUNT=${SHUNT:-}
 POD=bp-pod-$$
 REM=bp-rem-$$
 D=$(mktemp -d /tmp/bench-proxy.XXXXXX)
@@ -68,8 +69,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --quiet)
+# The binary as shipped (static-pie, scripts/build-release.sh) unless SHUNT names another.
+if [ -z "$SHUNT" ] && [ -n "${SKIP_BUILD:-}" ]; then
+    SHUNT=$ROOT/target/$(rustc -vV | sed -n 's/^host: //p')/release/shunt
+elif [ -z "$SHUNT" ]; then
+    SHUNT=$("$ROOT/scripts/build-release.sh")
 fi
 
 # --- topology ---------------------------------------------------------------------------------
