@@ -3,7 +3,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -544,7 +544,7 @@ fn ipv6_failure_rolls_back_ipv4() {
     ]));
     let before = saves(&ns, "nft");
     let stub = failing_v6_restore();
-    let out = Command::new(SHUNT)
+    let out = common::shunt_command()
         .args([
             "apply",
             "--backend",
@@ -654,7 +654,7 @@ fn bad_values_exit_2_and_apply_nothing() {
 fn runtime_faults_exit_1_with_the_cause() {
     require_netns!();
     // A namespace that does not exist (or vanished).
-    let out = Command::new(SHUNT)
+    let out = common::shunt_command()
         .args(["apply", "--netns", "/run/netns/shunt-no-such-ns"])
         .output()
         .unwrap();
@@ -667,7 +667,7 @@ fn runtime_faults_exit_1_with_the_cause() {
 
     // iptables missing from PATH.
     let ns = Ns::new("nobin");
-    let out = Command::new(SHUNT)
+    let out = common::shunt_command()
         .args(["apply", "--backend", "legacy", "--netns", &ns.path()])
         .env("PATH", "/shunt-empty-path")
         .output()
@@ -686,7 +686,7 @@ fn runtime_faults_exit_1_with_the_cause() {
         "#!/bin/sh\nsed 's/^COMMIT$/-A SHUNT_OUTPUT -j NO_SUCH_TARGET_X\\nCOMMIT/' | \
          /usr/sbin/iptables-nft-restore \"$@\"\n",
     );
-    let out = Command::new(SHUNT)
+    let out = common::shunt_command()
         .args(["apply", "--backend", "nft", "--netns", &ns.path()])
         .env("PATH", dir.path_with_system())
         .output()

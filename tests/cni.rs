@@ -404,7 +404,7 @@ fn annotations_opt_out_and_override() {
 
 #[test]
 fn version_lists_supported_versions() {
-    let out = std::process::Command::new(SHUNT)
+    let out = common::shunt_command()
         .env("CNI_COMMAND", "VERSION")
         .stdin(Stdio::null())
         .output()
@@ -425,7 +425,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn cni_cmd(verb: &str, d: &Path, extra: &[&str]) {
-    let out = std::process::Command::new(SHUNT)
+    let out = common::shunt_command()
         .args(["cni", verb, "--conf-dir"])
         .arg(d.join("net.d"))
         .arg("--bin-dir")
@@ -509,7 +509,7 @@ fn install_turns_a_lone_conf_into_a_conflist() {
     assert_eq!(v["plugins"][0]["ipam"], conf["ipam"]);
     assert_eq!(shunt_entries(&v), 1);
     // Bad options are refused before anything is written.
-    let out = std::process::Command::new(SHUNT)
+    let out = common::shunt_command()
         .args(["cni", "install", "--conf-dir"])
         .arg(d.join("net.d"))
         .arg("--bin-dir")
@@ -526,7 +526,7 @@ fn install_turns_a_lone_conf_into_a_conflist() {
 fn status_and_gc_for_cni_1_1() {
     // The plugin alone, as a runtime calls it: CNI_COMMAND, a config on stdin, a PATH.
     let run = |cmd: &str, conf: &str, path: &str| {
-        let mut child = std::process::Command::new(SHUNT)
+        let mut child = common::shunt_command()
             .env("CNI_COMMAND", cmd)
             .env("PATH", path)
             .stdin(Stdio::piped())

@@ -258,8 +258,13 @@ fn predict_all(e: &Explanation, q: &Query) -> Vec<Got> {
 
 /// Installs an iptables-restore file in the pod with the given tool.
 fn restore(ns: &Ns, tool: &str, text: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, tool])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, tool]);
+    if tool.contains("legacy") {
+        // Legacy iptables has one lock for all namespaces: wait for it, do not fail.
+        cmd.args(["-w", "10"]);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

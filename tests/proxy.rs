@@ -245,6 +245,7 @@ fn half_close_delivers_the_whole_response_and_resets_propagate() {
         drop(s);
         // 2: read a little, then reset.
         let (mut s, _) = accept_within(&server, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).unwrap();
         set_reset_on_close(&s);
@@ -302,6 +303,7 @@ fn half_close_delivers_the_whole_response_and_resets_propagate() {
 /// Reads until the proxy drops the connection; how long that took.
 fn time_until_dropped(mut c: TcpStream) -> Duration {
     let started = Instant::now();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut buf = [0u8; 16];
     match c.read(&mut buf) {
         Ok(0) => {}
@@ -319,7 +321,7 @@ fn connect_failures_end_within_the_connect_timeout_and_are_counted() {
 
     // A closed port: refused at once.
     let took = time_until_dropped(app_connect(&t, &hp(REMOTE_V4, 9)));
-    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(took < Duration::from_secs(3), "refused after {took:?}");
     let c = proxy.cluster("outbound|10.200.0.1:9").expect("cluster");
     assert_eq!(
         (c["cx_connect_fail"].as_u64(), c["cx_active"].as_u64()),
@@ -330,7 +332,7 @@ fn connect_failures_end_within_the_connect_timeout_and_are_counted() {
     // A silent address on the veth (nobody answers ARP): the connect timeout decides.
     let took = time_until_dropped(app_connect(&t, "10.200.0.99:80"));
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "timed out after {took:?}"
     );
     let c = proxy.cluster("outbound|10.200.0.99:80").expect("cluster");
@@ -353,7 +355,7 @@ fn connections_to_the_proxy_itself_are_refused_counted_and_cost_nothing() {
         &hp(POD_V4, 15006),
     ] {
         let took = time_until_dropped(app_connect(&t, addr));
-        assert!(took < Duration::from_secs(1), "{addr}: {took:?}");
+        assert!(took < Duration::from_secs(3), "{addr}: {took:?}");
     }
     // 127.0.0.1:15001 and [::1]:15001 hit the outbound listener, the other two the inbound.
     assert_eq!(proxy.stat("outbound.downstream_cx_not_redirected"), 2);
@@ -452,11 +454,11 @@ fn drain_timeout_cuts_what_is_left_logs_it_in_json_and_exits_zero() {
     echo(&c, b"idle from now on").unwrap();
     let started = Instant::now();
     proxy.terminate();
-    let status = proxy.wait_exit(Duration::from_secs(5)).expect("no exit");
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("no exit");
     let took = started.elapsed();
     assert_eq!(status.code(), Some(0));
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
     );
     // Every log line is a JSON object; the cut connection has its access line.
@@ -571,7 +573,7 @@ fn max_connections_refuses_the_extra_ones_and_recovers() {
     echo(&a, b"a").unwrap();
     echo(&b, b"b").unwrap();
     let took = time_until_dropped(app_connect(&t, &hp(REMOTE_V4, 9400)));
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(proxy.stat("outbound.downstream_cx_overflow"), 1);
     assert!(proxy.log_text().contains("end=\"overflow\""));
     drop(a);
@@ -585,7 +587,12 @@ fn max_connections_refuses_the_extra_ones_and_recovers() {
 fn descriptor_exhaustion_backs_off_without_spinning_and_recovers() {
     require_netns!();
     let t = Topology::new();
-    t.pod.shunt(&["apply"]);
+    let out = t.pod.shunt(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Whether the last free descriptor goes to a client that is then reset (its upstream gets
     // none: the queue drains) or no client is accepted at all (the queue stays) depends on the
     // parity of the descriptors the runtime holds, which differs between machines. Two limits
@@ -608,7 +615,7 @@ fn exhaust(t: &Topology, limit: u32, port: u16) -> bool {
     );
     let _echo = echo_server(
         t.remote.listen(&format!("0.0.0.0:{port}")),
-        Duration::from_secs(30),
+        Duration::from_secs(120),
     );
     let dst = hp(REMOTE_V4, port);
     let mut clients: Vec<TcpStream> = (0..60).map(|_| app_connect(t, &dst)).collect();
@@ -632,24 +639,30 @@ fn exhaust(t: &Topology, limit: u32, port: u16) -> bool {
         "{served} of 60 served under a {limit}-descriptor limit"
     );
     // The admin port holds a descriptor in reserve: it answers even while the relay has none.
-    let errors = proxy.wait_stat("server.accept_errors", 1, Duration::from_secs(3));
-    assert!(errors >= 1, "accept never hit EMFILE");
     let active = proxy.stat("outbound.downstream_cx_active");
     assert!(active >= served as u64, "{active} active, {served} served");
     let stalled = proxy.stat("outbound.downstream_cx_total") < 60;
-    // The back-off keeps the CPU idle, queued clients or not.
-    let before = proxy.cpu_ticks();
-    std::thread::sleep(Duration::from_secs(1));
-    let spent = proxy.cpu_ticks() - before;
-    assert!(
-        spent <= 10,
-        "proxy used {spent} ticks while out of descriptors"
-    );
-    assert!(
-        proxy.log_text().contains("accept failed"),
-        "{}",
-        proxy.log_text()
-    );
+    if stalled {
+        // Clients still queued and no descriptor to accept them: accept fails, and the
+        // back-off keeps the CPU idle.
+        let errors = proxy.wait_stat("server.accept_errors", 1, Duration::from_secs(3));
+        assert!(errors >= 1, "accept never hit EMFILE");
+        let before = proxy.cpu_ticks();
+        std::thread::sleep(Duration::from_secs(1));
+        let spent = proxy.cpu_ticks() - before;
+        assert!(
+            spent <= 10,
+            "proxy used {spent} ticks while out of descriptors"
+        );
+        assert!(
+            proxy.log_text().contains("accept failed"),
+            "{}",
+            proxy.log_text()
+        );
+    } else {
+        // Every client was accepted; those left without an upstream descriptor were reset.
+        assert!(proxy.stat("outbound.upstream_cx_connect_fail") >= 1);
+    }
     // Descriptors come back: new connections are served again.
     clients.clear();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -701,6 +714,7 @@ fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
         a.extend_from_slice(b"ok");
         udp.send_to(&a, from).unwrap();
         let (mut s, tcp_from) = accept_within(&tcp, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut len = [0u8; 2];
         s.read_exact(&mut len).unwrap();
         let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
@@ -759,12 +773,8 @@ fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
 fn bad_flags_are_refused_naming_the_value() {
     // Usage and configuration errors, caught by clap or by validation, all exit 2.
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(common::SHUNT)
-            .arg("proxy")
-            .args(args)
-            .env_remove("SHUNT_PROXY_ADMIN_ADDR")
-            .output()
-            .unwrap();
+        let mut cmd = common::shunt_command();
+        let out = refused_within(cmd.arg("proxy").args(args));
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -799,10 +809,35 @@ fn bad_flags_are_refused_naming_the_value() {
         "{err}"
     );
     // The same flag from the environment.
-    let out = std::process::Command::new(common::SHUNT)
-        .args(["proxy"])
-        .env("SHUNT_PROXY_OUTBOUND_PORT", "0")
-        .output()
-        .unwrap();
+    let out = refused_within(
+        common::shunt_command()
+            .args(["proxy"])
+            .env("SHUNT_PROXY_OUTBOUND_PORT", "0"),
+    );
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Runs a `shunt proxy` that must refuse to start; kills it after 10 s should it start anyway
+/// (it runs in the test's own namespace, so it must not stay).
+fn refused_within(cmd: &mut std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "shunt proxy started instead of refusing:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }

@@ -271,10 +271,18 @@ pub fn validate(
                         "the connection to {target} was refused: nothing accepted it on :{port} \
                          (not captured, or captured to another port)"
                     ),
-                    _ if e.raw_os_error() == Some(nix::libc::ENETUNREACH) => format!(
-                        "no route to {target}: the kernel routes a connection before netfilter \
-                         sees it; give the namespace a default route or pick --target"
-                    ),
+                    _ if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::ENETUNREACH | nix::libc::EHOSTUNREACH)
+                    ) =>
+                    {
+                        format!(
+                            "no route to {target} ({e}): it was not redirected to :{port}. The \
+                             kernel routes a connection before netfilter sees it: give the \
+                             namespace a route for it (a default route) or pick --target. If \
+                             it has one, a router on the way answered that it has none"
+                        )
+                    }
                     _ => format!("connecting to {target} as uid {uid} failed: {e}"),
                 };
                 return v;

@@ -51,6 +51,25 @@ macro_rules! require_netns {
     };
 }
 
+/// `shunt` with none of the caller's `RUST_LOG` or `SHUNT_*` settings, which would change
+/// what the tests expect (options, log lines).
+pub fn shunt_command() -> Command {
+    let mut cmd = Command::new(SHUNT);
+    scrub_env(&mut cmd);
+    cmd
+}
+
+/// Removes `RUST_LOG` and every `SHUNT_*` variable from what `cmd` will inherit.
+pub fn scrub_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SHUNT_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -156,7 +175,7 @@ impl Ns {
 
     /// Runs `shunt` with the given arguments inside nothing: `--netns` picks the namespace.
     pub fn shunt(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(SHUNT);
+        let mut cmd = shunt_command();
         cmd.args(args).args(["--netns", &self.path()]);
         cmd.output().unwrap()
     }
@@ -195,17 +214,28 @@ impl Topology {
     pub fn new() -> Topology {
         let pod = Ns::new("pod");
         let remote = Ns::new("remote");
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let (a, b) = (
-            format!("shp{}x{n}", std::process::id() % 100000),
-            format!("shr{}x{n}", std::process::id() % 100000),
-        );
-        must(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
-        must(&["ip", "link", "set", &a, "netns", &pod.name]);
-        must(&["ip", "link", "set", &b, "netns", &remote.name]);
-        for (ns, dev) in [(&pod, &a), (&remote, &b)] {
-            must(&["ip", "-n", &ns.name, "link", "set", dev, "name", "eth0"]);
+        // Made straight inside the namespaces: nothing appears in the host's, even briefly, and
+        // no name can collide with another run's.
+        must(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &pod.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &remote.name,
+        ]);
+        for ns in [&pod, &remote] {
             must(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"]);
+            // New namespaces inherit IPv4 forwarding from the host (on with Docker or
+            // Kubernetes): off, the remote drops what it cannot deliver, wherever this runs.
+            ns.must(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
         }
         let p = &pod.name;
         let r = &remote.name;

@@ -42,7 +42,8 @@ impl Proxy {
     pub fn start_wrapped(pod: &Ns, wrapper: &[&str], extra: &[&str]) -> Proxy {
         let log = std::env::temp_dir().join(format!("{}.proxy.log", pod.name));
         let file = File::create(&log).unwrap();
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        let child = crate::common::scrub_env(&mut cmd)
             .args(["netns", "exec", &pod.name])
             .args(wrapper)
             .args([common::SHUNT, "proxy", "--user", "1337"])
