@@ -55,7 +55,11 @@ impl Probe {
             Err(e) => return Landed::Refused(e.to_string()),
         };
         let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
+        // Every listener is polled at least once after the deadline too, so a descheduled
+        // thread cannot miss a connection that has arrived.
+        let mut last = false;
+        while !last {
+            last = Instant::now() >= deadline;
             for (name, l) in &self.listeners {
                 if let Ok((s, _)) = l.accept() {
                     if !matches!(*name, "outbound" | "inbound") {

@@ -126,7 +126,9 @@ impl Lab {
             return Got::Other(e.to_string());
         }
         let deadline = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < deadline {
+        let mut last = false;
+        while !last {
+            last = Instant::now() >= deadline;
             for (ns, u) in &self.udp {
                 if let Ok((n, _)) = u.recv_from(&mut buf) {
                     if buf[..n] == token {
@@ -184,7 +186,10 @@ impl Lab {
         };
         let _client = client;
         let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
+        let mut last = false;
+        while !last {
+            // One more round after the deadline: a descheduled thread still sees an arrival.
+            last = Instant::now() >= deadline;
             for (ns, l) in &self.listeners {
                 // The first arrival is this probe's (the queues were drained before it); its
                 // peer port may differ from ours when NAT had to pick another source port
