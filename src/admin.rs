@@ -70,8 +70,9 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 /// Serves until the process exits; one task per admin connection.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let reserve = Arc::new(Reserve::default());
-    reserve.fill();
     loop {
+        // Cheap when held; refills a reserve that an earlier refill could not reopen.
+        reserve.fill();
         let mut borrowed = false;
         let mut accepted = listener.accept().await;
         if matches!(&accepted, Err(e) if out_of_descriptors(e)) && reserve.release() {
@@ -84,9 +85,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             Ok((sock, _)) => sock,
             Err(e) => {
                 tracing::warn!("admin accept failed: {e}");
-                if borrowed {
-                    reserve.fill();
-                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
