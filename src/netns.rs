@@ -3,7 +3,7 @@
 //! thread, so the rest of the process never changes namespace).
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,9 +22,37 @@ pub enum NetnsError {
         source: std::io::Error,
     },
     #[error(
+        "{path} is not a network namespace ({what}); pass /run/netns/NAME or /proc/PID/ns/net"
+    )]
+    NotNetns { path: PathBuf, what: String },
+    #[error(
         "cannot enter network namespace {path}: {source} (shunt needs CAP_SYS_ADMIN for setns)"
     )]
     Enter { path: PathBuf, source: nix::Error },
+}
+
+/// NS_GET_NSTYPE from <linux/nsfs.h>, `_IO(0xb7, 0x3)` (Linux 4.11).
+const NS_GET_NSTYPE: u64 = 0xb703;
+
+/// What kind of file `file` is, when it is not a network namespace.
+fn not_netns(file: &File) -> Option<String> {
+    // SAFETY: NS_GET_NSTYPE takes no argument; it only reports the namespace type of the
+    // descriptor, or fails with ENOTTY for a file that is not a namespace.
+    let kind = unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind < 0 {
+        return Some("not a namespace file at all".into());
+    }
+    let name = match kind {
+        k if k == nix::libc::CLONE_NEWNET => return None,
+        k if k == nix::libc::CLONE_NEWNS => "mnt",
+        k if k == nix::libc::CLONE_NEWPID => "pid",
+        k if k == nix::libc::CLONE_NEWUTS => "uts",
+        k if k == nix::libc::CLONE_NEWIPC => "ipc",
+        k if k == nix::libc::CLONE_NEWUSER => "user",
+        k if k == nix::libc::CLONE_NEWCGROUP => "cgroup",
+        _ => "another kind of",
+    };
+    Some(format!("it is a {name} namespace"))
 }
 
 /// An open handle on a namespace. Holding the file keeps the namespace alive while shunt
@@ -41,6 +69,14 @@ impl Netns {
             path: path.to_path_buf(),
             source,
         })?;
+        // Caught here, the mistake is named; caught by setns in a child, it reads as
+        // "iptables-save could not be started: Invalid argument".
+        if let Some(what) = not_netns(&file) {
+            return Err(NetnsError::NotNetns {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
         Ok(Netns {
             path: path.to_path_buf(),
             file: Arc::new(file),

@@ -669,6 +669,23 @@ fn runtime_faults_exit_1_with_the_cause() {
         stderr(&out)
     );
 
+    // A path that is not a network namespace: named as such, not as a failed iptables-save.
+    for (path, what) in [
+        ("/etc/hostname", "not a namespace file"),
+        ("/proc/self/ns/mnt", "mnt namespace"),
+    ] {
+        let out = common::shunt_command()
+            .args(["check", "--netns", path])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("{path} is not a network namespace")) && err.contains(what),
+            "{err}"
+        );
+    }
+
     // iptables missing from PATH.
     let ns = Ns::new("nobin");
     let out = common::shunt_command()
