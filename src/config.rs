@@ -167,6 +167,33 @@ impl CaptureArgs {
     }
 }
 
+/// Where a refused capture option's value came from, when it was not the command line: a
+/// stray `SHUNT_*` variable or a config file key is otherwise hard to spot at 3 a.m.
+/// `args` is the command line, `env` looks a variable up.
+pub fn origin_of(
+    option: &str,
+    args: &[std::ffi::OsString],
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let key = option.replace('-', "_");
+    if !RawOptions::KEYS.contains(&key.as_str()) {
+        return None;
+    }
+    let flag = format!("--{option}");
+    let on_command_line = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    });
+    if on_command_line {
+        return None;
+    }
+    let var = format!("SHUNT_{}", key.to_ascii_uppercase());
+    Some(match env(&var) {
+        Some(v) => format!("the value comes from the environment: {var}={v}"),
+        None => format!("the value comes from the config file's `{key}` key"),
+    })
+}
+
 /// Reads a TOML config file into the raw layer; unknown keys are errors (typos must not be
 /// silently ignored in a tool that decides where traffic goes).
 pub fn read_file(path: &Path) -> Result<RawOptions, ConfigError> {
@@ -773,5 +800,37 @@ mod tests {
         let merged = flags.layer(file);
         assert_eq!(merged.proxy_port.as_deref(), Some("1"));
         assert_eq!(merged.inbound_port.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn a_refused_value_says_where_it_came_from_unless_it_was_a_flag() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let env = |k: &str| (k == "SHUNT_PROXY_PORT").then(|| "x".to_string());
+        assert_eq!(
+            origin_of("proxy-port", &args(&["shunt", "render"]), env).as_deref(),
+            Some("the value comes from the environment: SHUNT_PROXY_PORT=x")
+        );
+        assert_eq!(
+            origin_of(
+                "proxy-port",
+                &args(&["shunt", "render", "--proxy-port=x"]),
+                env
+            ),
+            None
+        );
+        assert_eq!(
+            origin_of(
+                "proxy-port",
+                &args(&["shunt", "render", "--proxy-port", "x"]),
+                env
+            ),
+            None
+        );
+        assert_eq!(
+            origin_of("dns-port", &args(&["shunt", "render"]), env).as_deref(),
+            Some("the value comes from the config file's `dns_port` key")
+        );
+        // Not a capture option: nothing to say.
+        assert_eq!(origin_of("uid", &args(&["shunt"]), env), None);
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use shunt::config::{self, CaptureArgs};
+use shunt::config::{self, CaptureArgs, ConfigError};
 use shunt::{capture, cni, exit, explain, istio, logging, plan, proxy, render, Error};
 
 #[derive(Parser)]
@@ -338,9 +338,16 @@ fn main() -> ExitCode {
         logging::init(0, cli.log_format);
         return finish(run_istio(cli));
     }
-    let cli = Cli::parse_from(args);
+    let cli = Cli::parse_from(args.clone());
     logging::init(cli.verbose as i8 - cli.quiet as i8, cli.log_format);
-    finish(run(cli))
+    let result = run(cli);
+    if let Err(e @ Error::Config(ConfigError::Invalid { option, .. })) = &result {
+        if let Some(origin) = config::origin_of(option, &args, |k| std::env::var(k).ok()) {
+            tracing::error!("{e} ({origin})");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    }
+    finish(result)
 }
 
 fn finish(result: Result<i32, Error>) -> ExitCode {

@@ -92,6 +92,29 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn a_bad_value_from_the_environment_or_a_file_names_its_source() {
+    let err = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(shunt(&["render"], &[("SHUNT_PROXY_PORT", "x")]));
+    assert!(
+        e.contains("'x' for --proxy-port") && e.contains("environment: SHUNT_PROXY_PORT=x"),
+        "{e}"
+    );
+    let dir = std::env::temp_dir().join(format!("shunt-cli-origin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "dns_port = \"abc\"\n").unwrap();
+    let e = err(shunt(&["render", "--config", file.to_str().unwrap()], &[]));
+    assert!(e.contains("config file's `dns_port` key"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Given as a flag: the message is enough as it is.
+    let e = err(shunt(&["render", "--proxy-port", "y"], &[]));
+    assert!(!e.contains("comes from"), "{e}");
+}
+
+#[test]
 fn help_version_and_completions() {
     let out = shunt(&["--version"], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("shunt "));
