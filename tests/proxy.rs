@@ -817,6 +817,22 @@ fn bad_flags_are_refused_naming_the_value() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+#[test]
+fn a_taken_port_stops_the_proxy_with_a_pointer_to_the_owner() {
+    require_netns!();
+    let t = Topology::new();
+    let _taken = t.pod.listen("0.0.0.0:15001");
+    let mut cmd = std::process::Command::new("ip");
+    common::scrub_env(&mut cmd).args(["netns", "exec", &t.pod.name, common::SHUNT, "proxy"]);
+    let out = refused_within(&mut cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("0.0.0.0:15001") && err.contains("ss -ltnp 'sport = :15001'"),
+        "{err}"
+    );
+}
+
 /// Runs a `shunt proxy` that must refuse to start; kills it after 10 s should it start anyway
 /// (it runs in the test's own namespace, so it must not stay).
 fn refused_within(cmd: &mut std::process::Command) -> std::process::Output {

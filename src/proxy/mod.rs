@@ -32,7 +32,10 @@ pub enum ProxyError {
     Unsupported { what: String, hint: String },
     #[error("{0}")]
     Config(String),
-    #[error("cannot listen for {what} on {addr}: {source}")]
+    #[error(
+        "cannot listen for {what} on {addr}: {source}{}",
+        bind_hint(source, addr)
+    )]
     Bind {
         what: &'static str,
         addr: SocketAddr,
@@ -47,6 +50,21 @@ pub enum ProxyError {
         signal: &'static str,
         source: io::Error,
     },
+}
+
+/// What to look at when a listener cannot be bound.
+fn bind_hint(e: &io::Error, addr: &SocketAddr) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            " (another process listens there: `ss -ltnp 'sport = :{}'` names it; a second \
+             proxy in the pod, or an app port that collides with the proxy's)",
+            addr.port()
+        ),
+        io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string()
+        }
+        _ => String::new(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
