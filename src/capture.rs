@@ -249,7 +249,12 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
         .transpose()?;
     let current = target.read(&families);
     if let Some(running) = address {
-        running.wait()?;
+        running.wait().map_err(|e| match e {
+            NetfilterError::ToolFailed { stderr, .. } => NetfilterError::InboundSource {
+                reason: stderr.trim().trim_end_matches('.').to_string(),
+            },
+            other => other,
+        })?;
     }
     let current = current?;
     let want = desired(&plan, &families);

@@ -67,6 +67,11 @@ pub enum NetfilterError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "cannot put ::6 on lo, the address the proxy connects to the app from: {reason}; \
+         with IPv6 disabled in the namespace, pass --ipv6 off (or auto)"
+    )]
+    InboundSource { reason: String },
     #[error("cannot parse the output of {tool}: {source}")]
     Parse {
         tool: String,

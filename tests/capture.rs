@@ -686,6 +686,24 @@ fn runtime_faults_exit_1_with_the_cause() {
         );
     }
 
+    // --ipv6 on where IPv6 is disabled: ::6 cannot go on lo; told so, nothing applied.
+    let off = Ns::new("nov6");
+    off.must(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ]);
+    let out = off.shunt(&["apply", "--ipv6", "on", "--backend", "nft"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot put ::6 on lo") && stderr(&out).contains("--ipv6 off"),
+        "{}",
+        stderr(&out)
+    );
+    let (v4, v6) = saves(&off, "nft");
+    assert!(!v4.contains("SHUNT") && !v6.contains("SHUNT"), "{v4}{v6}");
+
     // iptables missing from PATH.
     let ns = Ns::new("nobin");
     let out = common::shunt_command()
