@@ -79,29 +79,18 @@ pub fn access_log(
     }
     let dst = dst.map_or_else(|| "-".to_string(), |d| d.to_string());
     let ms = started.map_or(0, |s| s.elapsed().as_millis() as u64);
-    match error {
-        None => tracing::info!(
-            direction = dir.name(),
-            %client,
-            %dst,
-            tx_bytes = tx,
-            rx_bytes = rx,
-            duration_ms = ms,
-            end = end.name(),
-            "access"
-        ),
-        Some(e) => tracing::info!(
-            direction = dir.name(),
-            %client,
-            %dst,
-            tx_bytes = tx,
-            rx_bytes = rx,
-            duration_ms = ms,
-            end = end.name(),
-            error = %e,
-            "access"
-        ),
-    }
+    // An absent error leaves the field out of the line (tracing skips `None` values).
+    tracing::info!(
+        direction = dir.name(),
+        %client,
+        %dst,
+        tx_bytes = tx,
+        rx_bytes = rx,
+        duration_ms = ms,
+        end = end.name(),
+        error = error.map(tracing::field::display),
+        "access"
+    );
 }
 
 /// Where the connection to the destination comes from.
