@@ -41,6 +41,18 @@ fn local_default(
     ip(&args, ns)?.wait().map(drop)
 }
 
+/// `ip rule add|del fwmark M lookup T`
+fn fwmark_rule(
+    family: Family,
+    verb: &str,
+    r: Routing,
+    ns: Option<&Netns>,
+) -> Result<(), NetfilterError> {
+    let (mark, table) = (r.mark.to_string(), r.table.to_string());
+    let args = [fam(family), "rule", verb, "fwmark", &mark, "lookup", &table];
+    ip(&args, ns)?.wait().map(drop)
+}
+
 fn json(text: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(text)
         .ok()
@@ -48,16 +60,20 @@ fn json(text: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// Whether `ip -j rule show` lists `fwmark M lookup T` (iproute2 prints the mark in hex).
-fn has_rule(rules: &[Value], r: Routing) -> bool {
-    rules.iter().any(|x| {
-        let mark = x.get("fwmark").and_then(Value::as_str).and_then(|m| {
-            let m = m.split('/').next()?;
-            u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
-        });
-        let table = x.get("table").and_then(Value::as_str);
-        mark == Some(r.mark) && table == Some(r.table.to_string().as_str())
-    })
+/// How many times `ip -j rule show` lists `fwmark M lookup T` (iproute2 prints the mark in
+/// hex).
+fn rule_copies(rules: &[Value], r: Routing) -> usize {
+    rules
+        .iter()
+        .filter(|x| {
+            let mark = x.get("fwmark").and_then(Value::as_str).and_then(|m| {
+                let m = m.split('/').next()?;
+                u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
+            });
+            let table = x.get("table").and_then(Value::as_str);
+            mark == Some(r.mark) && table == Some(r.table.to_string().as_str())
+        })
+        .count()
 }
 
 fn has_route(routes: &[Value]) -> bool {
@@ -74,69 +90,48 @@ pub fn present(
     r: Routing,
     ns: Option<&Netns>,
 ) -> Result<(bool, bool), NetfilterError> {
+    let (rules, route) = installed(family, r, ns)?;
+    Ok((rules > 0, route))
+}
+
+/// (copies of the rule, whether the local default route is there).
+fn installed(
+    family: Family,
+    r: Routing,
+    ns: Option<&Netns>,
+) -> Result<(usize, bool), NetfilterError> {
     let table = r.table.to_string();
     let rules = ip(&[fam(family), "-j", "rule", "show"], ns)?;
     let routes = ip(&[fam(family), "-j", "route", "show", "table", &table], ns)?;
     let rules = json(&rules.wait()?);
     // An empty table is an error for some iproute2 versions: that just means "no route".
     let routes = routes.wait().map(|t| json(&t)).unwrap_or_default();
-    Ok((has_rule(&rules, r), has_route(&routes)))
+    Ok((rule_copies(&rules, r), has_route(&routes)))
 }
 
 /// Adds what is missing; returns whether the rule was added (so a failed apply can undo it).
 pub fn ensure(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, NetfilterError> {
     let (rule, route) = present(family, r, ns)?;
-    let (mark, table) = (r.mark.to_string(), r.table.to_string());
     if !route {
-        local_default(family, "replace", &table, ns)?;
+        local_default(family, "replace", &r.table.to_string(), ns)?;
     }
     if !rule {
-        ip(
-            &[
-                fam(family),
-                "rule",
-                "add",
-                "fwmark",
-                &mark,
-                "lookup",
-                &table,
-            ],
-            ns,
-        )?
-        .wait()?;
+        fwmark_rule(family, "add", r, ns)?;
     }
     Ok(!rule)
 }
 
 /// Removes the rule (every copy) and the table's local default route, if there.
 pub fn remove(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, NetfilterError> {
-    let (mut rule, route) = present(family, r, ns)?;
-    let (mark, table) = (r.mark.to_string(), r.table.to_string());
-    let removed = rule || route;
-    // Bounded: a rule can only have been added a handful of times.
-    for _ in 0..16 {
-        if !rule {
-            break;
-        }
-        ip(
-            &[
-                fam(family),
-                "rule",
-                "del",
-                "fwmark",
-                &mark,
-                "lookup",
-                &table,
-            ],
-            ns,
-        )?
-        .wait()?;
-        rule = present(family, r, ns)?.0;
+    let (copies, route) = installed(family, r, ns)?;
+    // One `del` removes one copy; every copy goes.
+    for _ in 0..copies {
+        fwmark_rule(family, "del", r, ns)?;
     }
     if route {
-        local_default(family, "del", &table, ns)?;
+        local_default(family, "del", &r.table.to_string(), ns)?;
     }
-    Ok(removed)
+    Ok(copies > 0 || route)
 }
 
 #[cfg(test)]
@@ -152,14 +147,22 @@ mod tests {
         let rules = json(
             r#"[{"priority":0,"src":"all","table":"local"},{"priority":32765,"src":"all","fwmark":"0x539","table":"133"}]"#,
         );
-        assert!(has_rule(&rules, r));
-        assert!(!has_rule(
-            &rules,
-            Routing {
-                mark: 1,
-                table: 133
-            }
-        ));
+        assert_eq!(rule_copies(&rules, r), 1);
+        assert_eq!(
+            rule_copies(
+                &rules,
+                Routing {
+                    mark: 1,
+                    table: 133
+                }
+            ),
+            0
+        );
+        // A rule added twice is two copies: `remove` deletes both.
+        let twice = json(
+            r#"[{"fwmark":"0x539","table":"133"},{"fwmark":"0x539/0xffffffff","table":"133"}]"#,
+        );
+        assert_eq!(rule_copies(&twice, r), 2);
         let routes =
             json(r#"[{"type":"local","dst":"default","dev":"lo","scope":"host","flags":[]}]"#);
         assert!(has_route(&routes));
