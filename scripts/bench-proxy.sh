@@ -119,7 +119,9 @@ NGINX
 ip netns exec "$REM" taskset -c 1 nginx -c "$D/nginx.conf" & PIDS+=($!)
 ip netns exec "$REM" taskset -c 1 iperf3 -s -p 5201 >/dev/null 2>&1 & PIDS+=($!)
 
-cat > "$D/haproxy.cfg" <<HAPROXY
+# Both HAProxy sidecars: uid 1337 like shunt's, plain TCP.
+haproxy_common() {
+    cat <<HAPROXY
 global
     uid 1337
     gid 1337
@@ -129,6 +131,9 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
+HAPROXY
+}
+{ haproxy_common; cat <<HAPROXY; } > "$D/haproxy.cfg"
 frontend out
     bind 0.0.0.0:15001
     default_backend orig
@@ -138,16 +143,7 @@ HAPROXY
 # The mesh's inbound HAProxy (remote namespace): the redirect sends to :15006; it connects to
 # the original destination from 127.0.0.6 so the rules do not capture that leg again. The
 # stats page on loopback is how the mesh phase proves the inbound leg went through it.
-cat > "$D/haproxy-in.cfg" <<HAPROXY
-global
-    uid 1337
-    gid 1337
-    maxconn 9000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
+{ haproxy_common; cat <<HAPROXY; } > "$D/haproxy-in.cfg"
 frontend in
     bind 0.0.0.0:15006
     default_backend app

@@ -6,6 +6,18 @@ use std::os::fd::AsFd;
 
 use nix::sys::socket::{getsockopt, sockopt};
 
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket reports for an
+/// IPv4 peer) as the IPv4 address it stands for; any other address as it is.
+pub fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// The address the client dialled before netfilter redirected it (`SO_ORIGINAL_DST`, or
 /// `IP6T_SO_ORIGINAL_DST` on an IPv6 socket). For a connection that was not redirected this
 /// is the socket's own local address.

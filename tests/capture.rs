@@ -66,13 +66,6 @@ impl Probe {
                         return Landed::Direct(name);
                     }
                     let orig = original_dst(&s);
-                    let orig = match orig {
-                        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                            Some(v4) => SocketAddr::new(v4.into(), a.port()),
-                            None => orig,
-                        },
-                        v4 => v4,
-                    };
                     return match *name {
                         "outbound" => Landed::Outbound(orig),
                         _ => Landed::Inbound(orig),
@@ -855,14 +848,10 @@ fn udp_as(ns: &Ns, uid: u32, gid: u32, bind: &str) -> std::net::UdpSocket {
 fn recv(s: &std::net::UdpSocket) -> Option<(String, SocketAddr)> {
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf).ok()?;
-    let from = match from {
-        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), a.port()),
-            None => from,
-        },
-        v4 => v4,
-    };
-    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    Some((
+        String::from_utf8_lossy(&buf[..n]).into_owned(),
+        shunt::socket::unmap(from),
+    ))
 }
 
 #[test]
@@ -1342,6 +1331,9 @@ fn istio_iptables_tproxy_and_dns() {
         (conn.local_addr().unwrap(), peer.ip()),
         (sa(POD_V4, 8080), sa(REMOTE_V4, 0).ip())
     );
+    // A second copy of the rule (added by hand, or by an older apply): clean removes both.
+    t.pod
+        .must(&["ip", "rule", "add", "fwmark", "77", "lookup", "177"]);
     ok(&t.pod.shunt(&[
         "clean",
         "--tproxy-mark",

@@ -1,21 +1,11 @@
 //! The command line without root: render, layering, usage errors, completions.
 
-use std::process::Command;
+mod common;
 
-const SHUNT: &str = env!("CARGO_BIN_EXE_shunt");
-
+/// `shunt` with only the given variables of its own (none of the caller's SHUNT_*).
 fn shunt(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(SHUNT);
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    // Keep the caller's SHUNT_* variables out of these tests.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SHUNT_") && !env.iter().any(|(e, _)| *e == k) {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::shunt_command();
+    cmd.args(args).envs(env.iter().copied());
     cmd.output().unwrap()
 }
 

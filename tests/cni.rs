@@ -82,26 +82,16 @@ impl Runtime {
         } else {
             Path::new(CNI_BIN).join(plugin)
         };
-        let mut child = shunt::netns::command(&path.to_string_lossy(), Some(&self.node.handle))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &self.id)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", CNI_BIN)
-            .env("CNI_ARGS", args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = common::output_with_stdin(
+            shunt::netns::command(&path.to_string_lossy(), Some(&self.node.handle))
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", &self.id)
+                .env("CNI_NETNS", netns)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", CNI_BIN)
+                .env("CNI_ARGS", args),
+            conf.to_string().as_bytes(),
+        );
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         Outcome {
             code: out.status.code().unwrap_or(-1),
@@ -204,13 +194,7 @@ fn lands(rt: &Runtime, capture: &TcpListener, node: &TcpListener, port: u16) -> 
         .expect("connect");
     for _ in 0..1000 {
         if let Ok((s, _)) = capture.accept() {
-            let orig = original_dst(&s);
-            return Some(match orig {
-                SocketAddr::V6(a) => {
-                    SocketAddr::new(a.ip().to_ipv4_mapped().unwrap().into(), a.port())
-                }
-                v4 => v4,
-            });
+            return Some(original_dst(&s));
         }
         if node.accept().is_ok() {
             return None;
@@ -526,22 +510,12 @@ fn install_turns_a_lone_conf_into_a_conflist() {
 fn status_and_gc_for_cni_1_1() {
     // The plugin alone, as a runtime calls it: CNI_COMMAND, a config on stdin, a PATH.
     let run = |cmd: &str, conf: &str, path: &str| {
-        let mut child = common::shunt_command()
-            .env("CNI_COMMAND", cmd)
-            .env("PATH", path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        common::output_with_stdin(
+            common::shunt_command()
+                .env("CNI_COMMAND", cmd)
+                .env("PATH", path),
+            conf.as_bytes(),
+        )
     };
     let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "shunt"}).to_string();
     let path = std::env::var("PATH").unwrap_or_default();

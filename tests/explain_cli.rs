@@ -1,10 +1,10 @@
 //! `shunt explain` on the command line, without root: rules files (Istio- and Linkerd-style
 //! fixtures, stdin), the plan of given capture options, output formats and usage errors.
 
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-const SHUNT: &str = env!("CARGO_BIN_EXE_shunt");
+use std::process::Output;
+
 const ISTIO: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/explain/istio-style.v4.rules"
@@ -19,11 +19,7 @@ const LINKERD: &str = concat!(
 );
 
 fn shunt(args: &[&str]) -> Output {
-    Command::new(SHUNT)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
+    common::shunt_command().args(args).output().unwrap()
 }
 
 fn json(args: &[&str]) -> serde_json::Value {
@@ -106,8 +102,8 @@ fn istio_style_rules_file() {
 fn linkerd_style_inbound_from_stdin() {
     let text = std::fs::read_to_string(LINKERD).unwrap();
     let run = |port: &str| {
-        let mut child = Command::new(SHUNT)
-            .args([
+        let out = common::output_with_stdin(
+            common::shunt_command().args([
                 "explain",
                 "--rules",
                 "-",
@@ -119,18 +115,9 @@ fn linkerd_style_inbound_from_stdin() {
                 "--iface",
                 "eth0",
                 "--json",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+            ]),
+            text.as_bytes(),
+        );
         assert!(out.status.success());
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };

@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use common::*;
 use shunt::config::RawOptions;
 use shunt::explain::{self, Direction, Explanation, Proto, Query, Verdict};
 use shunt::plan::Family;
+use shunt::socket::unmap;
 
 /// Ports with a listener in both namespaces: every port a probe dials or a rule redirects to.
 const PORTS: &[u16] = &[
@@ -50,16 +50,6 @@ enum Got {
     Refused,
     TimedOut,
     Other(String),
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
 }
 
 struct Lab {
@@ -269,18 +259,7 @@ fn restore(ns: &Ns, tool: &str, text: &str) {
         // Legacy iptables has one lock for all namespaces: wait for it, do not fail.
         cmd.args(["-w", "10"]);
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(&mut cmd, text.as_bytes());
     assert!(
         out.status.success(),
         "{tool}: {}",

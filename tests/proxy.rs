@@ -127,6 +127,34 @@ fn sixty_four_mib_each_way_arrive_byte_exact_ipv6() {
     bulk(REMOTE_V6, "[::]:9000");
 }
 
+/// A client on the remote dials an app listening on `listen` in the pod; the inbound proxy
+/// relays it. The app must see `peer` as the client; 4 bytes each way, counted on the
+/// destination's inbound cluster.
+fn inbound_round_trip(t: &Topology, proxy: &Proxy, listen: &str, pod: &str, peer: &str) {
+    let app = t.pod.listen(listen);
+    let port = app.local_addr().unwrap().port();
+    let client = t.remote.connect_as(0, 0, &hp(pod, port)).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut s, seen) = accept_within(&app, Duration::from_secs(5)).expect("app got nothing");
+    assert_eq!(seen.ip().to_string(), peer, "the app's peer");
+    (&client).write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    s.write_all(b"pong").unwrap();
+    drop(s);
+    let mut got = vec![];
+    (&client).read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"pong");
+    let c = proxy
+        .cluster(&format!("inbound|{}", hp(pod, port)))
+        .expect("inbound cluster");
+    assert_eq!(
+        (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
+        (Some(4), Some(4))
+    );
+}
+
 #[test]
 fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
     require_netns!();
@@ -136,28 +164,7 @@ fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
         ("0.0.0.0:8080", POD_V4, "127.0.0.6"),
         ("[::]:8081", POD_V6, "::6"),
     ] {
-        let app = t.pod.listen(listen);
-        let port = app.local_addr().unwrap().port();
-        let client = t.remote.connect_as(0, 0, &hp(pod, port)).unwrap();
-        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let (mut s, peer) = accept_within(&app, Duration::from_secs(5)).expect("app got nothing");
-        assert_eq!(peer.ip().to_string(), source, "the app's peer");
-        (&client).write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
-        s.write_all(b"pong").unwrap();
-        drop(s);
-        let mut got = vec![];
-        (&client).read_to_end(&mut got).unwrap();
-        assert_eq!(got, b"pong");
-        let c = proxy
-            .cluster(&format!("inbound|{}", hp(pod, port)))
-            .expect("inbound cluster");
-        assert_eq!(
-            (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
-            (Some(4), Some(4))
-        );
+        inbound_round_trip(&t, &proxy, listen, pod, source);
     }
 }
 
@@ -191,35 +198,12 @@ fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works() {
         Some("0000000000003000"),
         "{status}"
     );
+    // The app sees the client itself.
     for (listen, pod, remote) in [
         ("0.0.0.0:8080", POD_V4, REMOTE_V4),
         ("[::]:8081", POD_V6, REMOTE_V6),
     ] {
-        let app = t.pod.listen(listen);
-        let port = app.local_addr().unwrap().port();
-        let client = t.remote.connect_as(0, 0, &hp(pod, port)).unwrap();
-        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let (mut s, peer) = accept_within(&app, Duration::from_secs(5)).expect("app got nothing");
-        assert_eq!(
-            peer.ip().to_string(),
-            remote,
-            "the app sees the client itself"
-        );
-        (&client).write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).unwrap();
-        s.write_all(b"pong").unwrap();
-        drop(s);
-        let mut got = vec![];
-        (&client).read_to_end(&mut got).unwrap();
-        assert_eq!(got, b"pong");
-        let c = proxy
-            .cluster(&format!("inbound|{}", hp(pod, port)))
-            .expect("inbound cluster");
-        assert_eq!(
-            (c["tx_bytes"].as_u64(), c["rx_bytes"].as_u64()),
-            (Some(4), Some(4))
-        );
+        inbound_round_trip(&t, &proxy, listen, pod, remote);
     }
     // Outbound is still captured by REDIRECT and relayed.
     let _echo = echo_server(t.remote.listen("0.0.0.0:9600"), Duration::from_secs(10));
@@ -338,7 +322,13 @@ fn connect_failures_end_within_the_connect_timeout_and_are_counted() {
     let c = proxy.cluster("outbound|10.200.0.99:80").expect("cluster");
     assert_eq!(c["cx_connect_fail"].as_u64(), Some(1));
     assert_eq!(proxy.stat("outbound.upstream_cx_connect_timeout"), 1);
-    assert!(proxy.log_text().contains("end=\"connect_timeout\""));
+    let log = proxy.log_text();
+    assert!(log.contains("end=\"connect_timeout\""), "{log}");
+    // The refused connect's access line carries the cause.
+    assert!(
+        log.contains("end=\"connect_failed\" error=Connection refused"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -531,20 +521,10 @@ fn every_admin_endpoint_answers_and_prometheus_text_parses() {
         return;
     }
     let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\nfor f in parse(sys.stdin.read()):\n    for s in f.samples:\n        print(f.type, s.name, sorted(s.labels.items()), s.value)\n";
-    let mut child = std::process::Command::new(python)
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(prom.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::output_with_stdin(
+        std::process::Command::new(python).args(["-c", script]),
+        prom.as_bytes(),
+    );
     let parsed = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -13,6 +13,7 @@ use super::{parse_socket_addr, print, usage, CaptureArgs, ExplainError};
 use crate::config::{CaptureConfig, IdRange, Set};
 use crate::exit;
 use crate::netns::{self, Netns};
+use crate::socket::unmap;
 
 /// The address validate dials by default: TEST-NET-2 (RFC 5737), never a real destination.
 pub const DEFAULT_TARGET_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -168,16 +169,6 @@ fn accepted_by_other(port: u16, client: SocketAddr) -> bool {
         }
     }
     false
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
 }
 
 fn bind_capture_port(port: u16) -> std::io::Result<TcpListener> {

@@ -70,6 +70,21 @@ pub fn scrub_env(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// Runs `cmd` with `input` on its stdin; stdout and stderr are captured.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    // A child that exits without reading everything closes the pipe: its output says why.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    child.wait_with_output().unwrap()
+}
+
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -237,77 +252,25 @@ impl Topology {
             // Kubernetes): off, the remote drops what it cannot deliver, wherever this runs.
             ns.must(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
         }
+        // `nodad`: IPv6 addresses usable at once, not after duplicate address detection.
+        for (ns, addr) in [
+            (&pod, format!("{POD_V4}/24")),
+            (&pod, format!("{POD_V6}/64")),
+            (&remote, format!("{REMOTE_V4}/24")),
+            (&remote, format!("{REMOTE2_V4}/24")),
+            (&remote, format!("{REMOTE_V6}/64")),
+            (&remote, format!("{REMOTE2_V6}/64")),
+        ] {
+            let mut cmd = vec!["ip", "-n", &ns.name, "addr", "add", &addr, "dev", "eth0"];
+            if addr.contains(':') {
+                cmd.push("nodad");
+            }
+            must(&cmd);
+        }
         let p = &pod.name;
-        let r = &remote.name;
-        must(&[
-            "ip",
-            "-n",
-            p,
-            "addr",
-            "add",
-            &format!("{POD_V4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            p,
-            "-6",
-            "addr",
-            "add",
-            &format!("{POD_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
         must(&["ip", "-n", p, "route", "add", "default", "via", REMOTE_V4]);
         must(&[
             "ip", "-n", p, "-6", "route", "add", "default", "via", REMOTE_V6,
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            &format!("{REMOTE_V4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            &format!("{REMOTE2_V4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "-6",
-            "addr",
-            "add",
-            &format!("{REMOTE_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "-6",
-            "addr",
-            "add",
-            &format!("{REMOTE2_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
         ]);
         Topology { pod, remote }
     }
@@ -344,8 +307,10 @@ pub fn accept_within(l: &TcpListener, timeout: Duration) -> Option<(TcpStream, S
 }
 
 /// The original destination of an accepted, redirected connection.
+/// The original destination of an accepted, redirected connection, IPv4 as IPv4 even on a
+/// dual-stack listener.
 pub fn original_dst(s: &TcpStream) -> SocketAddr {
-    shunt::socket::original_dst(s, s.local_addr().unwrap()).unwrap()
+    shunt::socket::unmap(shunt::socket::original_dst(s, s.local_addr().unwrap()).unwrap())
 }
 
 pub fn fd_of(s: &TcpStream) -> i32 {
