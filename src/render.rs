@@ -147,6 +147,12 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
                 format!("{mark:#x}/0xffffffff"),
             ]);
         }
+        Target::CtZoneOriginal { zone } => out.extend([
+            "-j".into(),
+            "CT".into(),
+            "--zone-orig".into(),
+            zone.to_string(),
+        ]),
         Target::CtZone { zone } => {
             out.extend(["-j".into(), "CT".into(), "--zone".into(), zone.to_string()])
         }
@@ -232,13 +238,27 @@ mod tests {
     use crate::config::{CaptureConfig, RawOptions};
     use crate::plan;
 
+    /// Compares with a golden file; `SHUNT_BLESS=1 cargo test --lib render` rewrites them
+    /// instead (then review the diff).
+    fn golden(want: &str, name: &str, text: &str) {
+        if std::env::var_os("SHUNT_BLESS").is_some() {
+            let path = format!("{}/tests/fixtures/{name}.rules", env!("CARGO_MANIFEST_DIR"));
+            std::fs::write(&path, text).expect("write golden");
+            return;
+        }
+        assert_eq!(text, want, "rendered:\n{text}");
+    }
+
     /// The default plan, IPv4 then IPv6, as a golden text: reviewing a change to the rules
     /// means reviewing a diff of this.
     #[test]
     fn default_plan_golden() {
         let text = plan_text(&plan::build(&CaptureConfig::default(), true));
-        let golden = include_str!("../tests/fixtures/default.rules");
-        assert_eq!(text, golden, "rendered:\n{text}");
+        golden(
+            include_str!("../tests/fixtures/default.rules"),
+            "default",
+            &text,
+        );
     }
 
     #[test]
@@ -258,8 +278,11 @@ mod tests {
         .resolve()
         .unwrap();
         let text = plan_text(&plan::build(&cfg, true));
-        let golden = include_str!("../tests/fixtures/exclusions.rules");
-        assert_eq!(text, golden, "rendered:\n{text}");
+        golden(
+            include_str!("../tests/fixtures/exclusions.rules"),
+            "exclusions",
+            &text,
+        );
     }
 
     #[test]
@@ -275,8 +298,11 @@ mod tests {
         .resolve()
         .unwrap();
         let text = plan_text(&plan::build(&cfg, true));
-        let golden = include_str!("../tests/fixtures/dns-virt-invalid.rules");
-        assert_eq!(text, golden, "rendered:\n{text}");
+        golden(
+            include_str!("../tests/fixtures/dns-virt-invalid.rules"),
+            "dns-virt-invalid",
+            &text,
+        );
     }
 
     #[test]
@@ -290,8 +316,11 @@ mod tests {
         .resolve()
         .unwrap();
         let text = plan_text(&plan::build(&cfg, true));
-        let golden = include_str!("../tests/fixtures/tproxy.rules");
-        assert_eq!(text, golden, "rendered:\n{text}");
+        golden(
+            include_str!("../tests/fixtures/tproxy.rules"),
+            "tproxy",
+            &text,
+        );
     }
 
     #[test]
