@@ -7,9 +7,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -61,6 +63,11 @@ pub enum NetfilterError {
         tool: String,
         source: std::io::Error,
     },
+    #[error(
+        "{tool} did not finish within {after:?} and was killed (raise --timeout if this machine \
+         is that slow)"
+    )]
+    Timeout { tool: String, after: Duration },
     #[error("{tool} failed ({status}): {stderr}")]
     ToolFailed {
         tool: String,
@@ -79,9 +86,11 @@ pub enum NetfilterError {
     },
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    #[error("not everything could be removed: {}", errors.join("; "))]
+    Incomplete { errors: Vec<String> },
     #[error(
-        "IPv6 rules could not be applied ({cause}), and rolling back the IPv4 rules failed too \
-         ({rollback}); run `shunt clean` and apply again"
+        "the rules could not be applied ({cause}), and rolling back failed too ({rollback}); \
+         run `shunt check` to see what is installed, then `shunt apply` again (or `shunt clean`)"
     )]
     RollbackFailed { cause: String, rollback: String },
 }
@@ -97,11 +106,43 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
         })
 }
 
+/// How long one child tool (iptables-restore, ip, ...) may run before it is killed. One
+/// process-wide bound, set once from `--timeout` at the edge, so that every caller of
+/// [`spawn_tool`] (capture, routing, explain) is bounded without threading it through.
+static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64);
+
+/// The documented default for `--timeout` (README: exit codes and faults).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn set_tool_timeout(t: Duration) {
+    TOOL_TIMEOUT_MS.store(t.as_millis().max(1) as u64, Ordering::Relaxed);
+}
+
+pub fn tool_timeout() -> Duration {
+    Duration::from_millis(TOOL_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
 /// A tool started in a namespace; [`Running::wait`] collects it. Starting several before
 /// waiting lets independent reads and writes (IPv4 and IPv6) run side by side.
 pub struct Running {
     tool: String,
     child: std::process::Child,
+    started: Instant,
+    /// Pipes are drained on their own threads, so a tool that writes more than a pipe holds,
+    /// or stops reading its input, cannot block us past the deadline.
+    stdin: Option<std::thread::JoinHandle<()>>,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<std::thread::JoinHandle<Vec<u8>>> {
+    pipe.map(|mut p| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            buf
+        })
+    })
 }
 
 /// Starts a tool (looked up on PATH) in the namespace, feeding it `input`.
@@ -127,40 +168,74 @@ pub fn spawn_tool(
         tool: tool.to_string(),
         source,
     })?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A write error (the tool died early) shows up as its exit status in `wait`.
-        let _ = stdin.write_all(text.as_bytes());
-    }
+    let stdin = match (input, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => {
+            let text = text.to_string();
+            // A write error (the tool died early) shows up as its exit status in `wait`.
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(text.as_bytes());
+            }))
+        }
+        _ => None,
+    };
     Ok(Running {
         tool: tool.to_string(),
+        stdout: drain(child.stdout.take()),
+        stderr: drain(child.stderr.take()),
         child,
+        started: Instant::now(),
+        stdin,
     })
 }
 
 impl Running {
-    /// Waits for the tool; its stdout, or an error carrying its stderr.
-    pub fn wait(self) -> Result<String, NetfilterError> {
-        let tool = self.tool;
-        let out = self
-            .child
-            .wait_with_output()
-            .map_err(|source| NetfilterError::Spawn {
-                tool: tool.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    /// Waits for the tool, at most [`tool_timeout`] from its start (then kills it); its
+    /// stdout, or an error carrying its stderr.
+    pub fn wait(mut self) -> Result<String, NetfilterError> {
+        let limit = tool_timeout();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if self.started.elapsed() >= limit => {
+                    // SIGKILL: a hung iptables-restore has committed nothing yet, or it has
+                    // committed some tables; the caller converges back either way.
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(NetfilterError::Timeout {
+                        tool: self.tool,
+                        after: limit,
+                    });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                Err(source) => {
+                    return Err(NetfilterError::Spawn {
+                        tool: self.tool,
+                        source,
+                    })
+                }
+            }
+        };
+        let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            h.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        if let Some(h) = self.stdin.take() {
+            let _ = h.join();
+        }
+        let stdout = join(self.stdout.take());
+        let stderr = join(self.stderr.take());
+        if !status.success() {
+            let stderr = String::from_utf8_lossy(&stderr).trim().to_string();
             return Err(NetfilterError::ToolFailed {
-                tool,
-                status: out.status.to_string(),
+                tool: self.tool,
+                status: status.to_string(),
                 stderr,
             });
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     }
 }
 
-/// Waits for every tool (so none is left behind), then returns the first error if any.
+/// Waits for every tool (so none is left behind) and returns every result, in order.
 fn wait_all(running: Vec<Running>) -> Vec<Result<String, NetfilterError>> {
     running.into_iter().map(Running::wait).collect()
 }
@@ -364,9 +439,9 @@ pub fn apply_families(
         }
     }
     let mut done = Vec::new();
-    for ((state, want, script), run) in work.iter().zip(running) {
+    for ((state, _, script), run) in work.iter().zip(running) {
         match run.map(Running::wait) {
-            Some(Ok(_)) => done.push((*state, *want, script.clone())),
+            Some(Ok(_)) => done.push((state.family, script.clone())),
             Some(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -374,36 +449,49 @@ pub fn apply_families(
         }
     }
     let Some(cause) = first_error else {
-        return Ok(Applied {
-            scripts: done
-                .into_iter()
-                .map(|(s, _, script)| (s.family, script))
-                .collect(),
-        });
+        return Ok(Applied { scripts: done });
     };
-    for (prev, now, _) in &done {
-        if let Some(back) = converge(now, &prev.views) {
-            tracing::warn!(
-                "{} failed: rolling back the {} rules",
-                cause_tool(&cause),
-                prev.family.name()
-            );
-            let result = spawn_restore(backend, prev.family, &back, ns).and_then(Running::wait);
-            if let Err(rb) = result {
-                return Err(NetfilterError::RollbackFailed {
-                    cause: cause.to_string(),
-                    rollback: rb.to_string(),
-                });
-            }
-        }
+    // Every family this run touched goes back to what it was, the failed one included:
+    // iptables-restore commits table by table (legacy), so a failure in a later table can
+    // leave the earlier ones of the same family committed. Read what is there now rather
+    // than guess.
+    let touched: Vec<&FamilyState> = work.iter().map(|(state, _, _)| *state).collect();
+    if let Err(rollback) = converge_back(backend, ns, &touched, &cause) {
+        return Err(NetfilterError::RollbackFailed {
+            cause: cause.to_string(),
+            rollback: rollback.to_string(),
+        });
     }
     Err(cause)
+}
+
+/// Converges each family back to the state read before the change (see [`apply_families`]).
+fn converge_back(
+    backend: Backend,
+    ns: Option<&Netns>,
+    before: &[&FamilyState],
+    cause: &NetfilterError,
+) -> Result<(), NetfilterError> {
+    let which: Vec<(Backend, Family)> = before.iter().map(|s| (backend, s.family)).collect();
+    let now = save_all(&which, ns)?;
+    for (prev, saved) in before.iter().zip(&now) {
+        if let Some(back) = converge(&views(saved), &prev.views) {
+            tracing::warn!(
+                "{} failed: rolling back the {} rules",
+                cause_tool(cause),
+                prev.family.name()
+            );
+            spawn_restore(backend, prev.family, &back, ns)?.wait()?;
+        }
+    }
+    Ok(())
 }
 
 fn cause_tool(e: &NetfilterError) -> &str {
     match e {
         NetfilterError::ToolFailed { tool, .. }
         | NetfilterError::Spawn { tool, .. }
+        | NetfilterError::Timeout { tool, .. }
         | NetfilterError::MissingTool { tool } => tool,
         _ => "restore",
     }
