@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::config::{BackendChoice, CaptureConfig, Ipv6, Mode};
 use crate::netfilter::{self, Backend, FamilyState, NetfilterError};
 use crate::netns::{self, Netns};
-use crate::plan::{self, Family, Plan, Routing, TableName, INBOUND_SOURCE_V6};
+use crate::plan::{self, Family, Plan, TableName, INBOUND_SOURCE_V6};
 use crate::render::join_args;
 use crate::routing;
 use crate::rules::{Saved, ShuntView};
@@ -18,6 +18,8 @@ use crate::rules::{Saved, ShuntView};
 /// Where the rules go: the namespace, the backend and the IPv6 decision, settled once.
 pub struct Target {
     pub netns: Option<Netns>,
+    /// Held from the first read to the last write: one shunt at a time per namespace.
+    _lock: netns::Lock,
     pub backend: Backend,
     pub ipv6: bool,
     /// The IPv4 save read while choosing the backend, reused rather than read twice.
@@ -117,11 +119,12 @@ fn ipv6_enabled(
 
 impl Target {
     pub fn resolve(cfg: &CaptureConfig) -> Result<Target, crate::Error> {
-        let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+        let (netns, lock) = open_locked(cfg)?;
         let (backend, v4) = choose_backend(cfg.backend, netns.as_ref())?;
         let ipv6 = ipv6_enabled(cfg.ipv6, backend, netns.as_ref())?;
         Ok(Target {
             netns,
+            _lock: lock,
             backend,
             ipv6,
             v4,
@@ -171,6 +174,30 @@ impl Target {
             })
             .collect()
     }
+}
+
+/// Opens the namespace and takes its lock; every child tool from here on is bounded by the
+/// same `--timeout`.
+fn open_locked(cfg: &CaptureConfig) -> Result<(Option<Netns>, netns::Lock), crate::Error> {
+    netfilter::set_tool_timeout(cfg.timeout);
+    let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+    let lock = netns::lock(netns.as_ref(), cfg.timeout)?;
+    Ok((netns, lock))
+}
+
+/// The tproxy mark installed in a family's rules (read from the chain that sets it).
+fn installed_mark(views: &[(TableName, ShuntView)]) -> Option<u32> {
+    let (_, mangle) = views.iter().find(|(t, _)| *t == TableName::Mangle)?;
+    mangle
+        .chains
+        .get(plan::DIVERT)?
+        .iter()
+        .flat_map(|args| args.windows(2))
+        .find(|w| w[0] == "--set-xmark")
+        .and_then(|w| {
+            let m = w[1].split('/').next()?;
+            u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
+        })
 }
 
 fn desired(plan: &Plan, families: &[Family]) -> Vec<(Family, Vec<(TableName, ShuntView)>)> {
@@ -297,6 +324,20 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
             return Err(e.into());
         }
     }
+    // The policy routing of a mark the rules no longer use (tproxy -> redirect, or a new
+    // --tproxy-mark / --tproxy-route-table) goes with them.
+    for state in &current {
+        if let Some(old) = installed_mark(&state.views) {
+            for r in routing::remove_mark(state.family, old, None, plan.routing, target.ns())? {
+                tracing::info!(
+                    "removed stale {} policy routing: fwmark {:#x} lookup {}",
+                    state.family.name(),
+                    r.mark,
+                    r.table
+                );
+            }
+        }
+    }
     Ok(report)
 }
 
@@ -318,9 +359,12 @@ pub struct CleanReport {
 }
 
 /// `shunt clean`: remove shunt's chains and jumps, every table, both families; with
-/// `--backend auto` from every backend that has them. Nothing else is touched.
+/// `--backend auto` from every backend that has them, and the tproxy policy routing of
+/// whatever mark the rules used. Nothing else is touched. One part failing (a family whose
+/// tools are missing, say) does not stop the others: every error is reported at the end.
 pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
-    let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
+    let (netns, _lock) = open_locked(cfg)?;
+    let ns = netns.as_ref();
     let backends: Vec<Backend> = match cfg.backend {
         BackendChoice::Legacy => vec![Backend::Legacy],
         BackendChoice::Nft => vec![Backend::Nft],
@@ -336,49 +380,70 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
         .into());
     }
     let mut report = CleanReport { removed: vec![] };
+    let mut errors: Vec<String> = Vec::new();
+    // (family, mark): the routing to remove once the rules are gone.
+    let mut marks: Vec<(Family, u32)> = Vec::new();
+    if cfg.mode == Mode::Tproxy {
+        marks.extend([(Family::V4, cfg.tproxy_mark), (Family::V6, cfg.tproxy_mark)]);
+    }
     for backend in backends {
-        let families: Vec<Family> = [Family::V4, Family::V6]
-            .into_iter()
-            .filter(|f| backend.available(*f) || cfg.backend != BackendChoice::Auto)
-            .collect();
-        let which: Vec<(Backend, Family)> = families.iter().map(|f| (backend, *f)).collect();
-        let current: Vec<FamilyState> = netfilter::save_all(&which, netns.as_ref())?
-            .iter()
-            .zip(&families)
-            .map(|(saved, family)| FamilyState {
-                family: *family,
-                views: netfilter::views(saved),
-            })
-            .collect();
-        let empty: Vec<_> = current
-            .iter()
-            .map(|s| (s.family, netfilter::planned_views(None)))
-            .collect();
-        let applied = netfilter::apply_families(backend, netns.as_ref(), &current, &empty)?;
-        for state in &current {
-            let had_tproxy = state
-                .views
-                .iter()
-                .any(|(t, v)| *t == TableName::Mangle && v.chains.contains_key("SHUNT_TPROXY"));
-            if had_tproxy || cfg.mode == Mode::Tproxy {
-                let r = Routing {
-                    mark: cfg.tproxy_mark,
-                    table: cfg.tproxy_route_table,
-                };
-                if routing::remove(state.family, r, netns.as_ref())? {
+        for family in [Family::V4, Family::V6] {
+            if cfg.backend == BackendChoice::Auto && !backend.available(family) {
+                continue;
+            }
+            match clean_family(backend, family, ns) {
+                Ok((script, mark)) => {
+                    marks.extend(mark.map(|m| (family, m)));
+                    report.removed.extend(script.map(|s| (backend, family, s)));
+                }
+                Err(e) => errors.push(format!("{} {}: {e}", backend.name(), family.name())),
+            }
+        }
+    }
+    marks.sort_by_key(|(f, m)| (*f == Family::V6, *m));
+    marks.dedup();
+    for (family, mark) in marks {
+        let also =
+            (cfg.mode == Mode::Tproxy && mark == cfg.tproxy_mark).then_some(cfg.tproxy_route_table);
+        match routing::remove_mark(family, mark, also, None, ns) {
+            Ok(removed) => {
+                for r in removed {
                     tracing::info!(
-                        "removed {} policy routing for mark {:#x}",
-                        state.family.name(),
-                        r.mark
+                        "removed {} policy routing: fwmark {:#x} lookup {}",
+                        family.name(),
+                        r.mark,
+                        r.table
                     );
                 }
             }
-        }
-        for (family, script) in applied.scripts {
-            report.removed.push((backend, family, script));
+            // An IPv6-less kernel has no IPv6 rules to remove.
+            Err(_) if family == Family::V6 && cfg.mode != Mode::Tproxy => {}
+            Err(e) => errors.push(format!("{} policy routing: {e}", family.name())),
         }
     }
-    Ok(report)
+    if errors.is_empty() {
+        Ok(report)
+    } else {
+        Err(NetfilterError::Incomplete { errors }.into())
+    }
+}
+
+/// Converges one family of one backend to nothing: the script that ran (if any) and the
+/// tproxy mark its rules used (if any).
+fn clean_family(
+    backend: Backend,
+    family: Family,
+    ns: Option<&Netns>,
+) -> Result<(Option<String>, Option<u32>), NetfilterError> {
+    let saved = netfilter::save(backend, family, ns)?;
+    let state = FamilyState {
+        family,
+        views: netfilter::views(&saved),
+    };
+    let mark = installed_mark(&state.views);
+    let empty = [(family, netfilter::planned_views(None))];
+    let applied = netfilter::apply_families(backend, ns, std::slice::from_ref(&state), &empty)?;
+    Ok((applied.scripts.into_iter().next().map(|(_, s)| s), mark))
 }
 
 #[derive(Debug, Serialize)]

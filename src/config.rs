@@ -28,12 +28,27 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
 }
 
+/// Longest part of a refused value repeated in an error; a 1 MiB value stays readable.
+const SHOWN_VALUE: usize = 200;
+
 fn invalid(option: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         option,
-        value: value.to_string(),
-        reason: reason.into(),
+        value: shorten(value),
+        reason: shorten(&reason.into()),
     }
+}
+
+/// `value` itself, or its first [`SHOWN_VALUE`] bytes (on a character boundary) and its length.
+pub fn shorten(value: &str) -> String {
+    if value.len() <= SHOWN_VALUE {
+        return value.to_string();
+    }
+    let mut end = SHOWN_VALUE;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &value[..end], value.len())
 }
 
 /// Accepts a string, a number, a bool or a list of those, and keeps it as the comma-separated
@@ -143,6 +158,9 @@ raw_options! {
     backend: "SHUNT_BACKEND";
     /// Network namespace to act in: /run/netns/NAME or /proc/PID/ns/net [default: current]
     netns: "SHUNT_NETNS";
+    /// Longest wait for another shunt changing the same namespace, and for each iptables, ip
+    /// or nft child (killed after it); 500ms, 30s, 2m [default: 30s]
+    timeout: "SHUNT_TIMEOUT";
 }
 
 /// `--config FILE` plus the capture options: the argument group every command that takes
@@ -194,13 +212,29 @@ pub fn origin_of(
     })
 }
 
+/// Largest config file read (bytes).
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
 /// Reads a TOML config file into the raw layer; unknown keys are errors (typos must not be
 /// silently ignored in a tool that decides where traffic goes).
 pub fn read_file(path: &Path) -> Result<RawOptions, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+    use std::io::Read as _;
+    let fail = |reason: String| ConfigError::File {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    // A capture config is a few hundred bytes; a cap keeps /dev/zero or a log file given by
+    // mistake from filling memory.
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| fail(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(fail(format!(
+            "larger than {} KiB; a capture config is a few lines of TOML",
+            MAX_CONFIG_FILE / 1024
+        )));
+    }
     toml::from_str(&text).map_err(|e| ConfigError::File {
         path: path.to_path_buf(),
         reason: e.to_string().trim().to_string(),
@@ -315,6 +349,9 @@ pub struct CaptureConfig {
     pub ipv6: Ipv6,
     pub backend: BackendChoice,
     pub netns: Option<PathBuf>,
+    /// Bound on waiting for the namespace's lock and on each child tool.
+    #[serde(skip)]
+    pub timeout: std::time::Duration,
 }
 
 impl Default for CaptureConfig {
@@ -326,8 +363,22 @@ impl Default for CaptureConfig {
     }
 }
 
-fn items(value: &str) -> impl Iterator<Item = &str> {
-    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+/// The comma-separated items of a list option; an empty value is the empty list, an empty
+/// item (`80,,81`, a trailing comma) is refused: it is usually a variable that expanded to
+/// nothing.
+fn items<'a>(option: &'static str, value: &'a str) -> Result<Vec<&'a str>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let out: Vec<&str> = value.split(',').map(str::trim).collect();
+    if out.iter().any(|s| s.is_empty()) {
+        return Err(invalid(
+            option,
+            value,
+            "the list has an empty item (two commas in a row, or a comma at an end)",
+        ));
+    }
+    Ok(out)
 }
 
 fn parse_port(option: &'static str, value: &str, s: &str) -> Result<u16, ConfigError> {
@@ -351,7 +402,7 @@ fn parse_port_set(option: &'static str, value: &str) -> Result<Set<PortRange>, C
         return Ok(Set::All);
     }
     let mut out = Vec::new();
-    for item in items(value) {
+    for item in items(option, value)? {
         let (a, b) = item
             .split_once('-')
             .or_else(|| item.split_once(':'))
@@ -375,7 +426,7 @@ fn parse_cidr_set(option: &'static str, value: &str) -> Result<Set<IpNet>, Confi
         return Ok(Set::All);
     }
     let mut out = Vec::new();
-    for item in items(value) {
+    for item in items(option, value)? {
         let net = match item.parse::<IpNet>() {
             Ok(n) => n,
             // A bare address is a host route, as in Istio's and Kuma's flags.
@@ -408,7 +459,7 @@ fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigEr
         })
     };
     let mut out = Vec::new();
-    for item in items(value) {
+    for item in items(option, value)? {
         let (a, b) = item.split_once('-').unwrap_or((item, item));
         let (first, last) = (id(a)?, id(b)?);
         if first > last {
@@ -422,7 +473,7 @@ fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigEr
 /// Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..".
 fn parse_ifaces(option: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
-    for item in items(value) {
+    for item in items(option, value)? {
         let ok = item.len() <= 15
             && item != "."
             && item != ".."
@@ -458,7 +509,8 @@ fn parse_bool(option: &'static str, value: &str) -> Result<bool, ConfigError> {
 }
 
 fn parse_addrs(option: &'static str, value: &str) -> Result<Vec<IpAddr>, ConfigError> {
-    items(value)
+    items(option, value)?
+        .into_iter()
         .map(|item| {
             item.parse::<IpAddr>().map_err(|_| {
                 invalid(
@@ -469,6 +521,37 @@ fn parse_addrs(option: &'static str, value: &str) -> Result<Vec<IpAddr>, ConfigE
             })
         })
         .collect()
+}
+
+/// The kernel's own routing tables (unspec, default, main, local): a tproxy route there
+/// would change how every packet of the namespace is routed, and `clean` could not tell it
+/// from the namespace's own routes.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+fn route_table(table: u32) -> Result<u32, ConfigError> {
+    if RESERVED_TABLES.contains(&table) {
+        return Err(invalid(
+            "tproxy-route-table",
+            &table.to_string(),
+            "tables 0, 253 (default), 254 (main) and 255 (local) are the kernel's own; pick \
+             another, e.g. 133",
+        ));
+    }
+    Ok(table)
+}
+
+/// An empty `--netns` (often `--netns "$UNSET"`) would mean the current namespace: the
+/// host's rules. Refuse it; leaving the option out is how to ask for the current one.
+fn parse_netns(value: &str) -> Result<PathBuf, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(invalid(
+            "netns",
+            value,
+            "an empty path; leave --netns (and SHUNT_NETNS) out to act in the current \
+             namespace",
+        ));
+    }
+    Ok(PathBuf::from(value.trim()))
 }
 
 fn parse_enum<T: Copy>(
@@ -530,7 +613,11 @@ impl RawOptions {
                 &[("redirect", Mode::Redirect), ("tproxy", Mode::Tproxy)],
             )?,
             tproxy_mark: number("tproxy-mark", &self.tproxy_mark, "1337")?,
-            tproxy_route_table: number("tproxy-route-table", &self.tproxy_route_table, "133")?,
+            tproxy_route_table: route_table(number(
+                "tproxy-route-table",
+                &self.tproxy_route_table,
+                "133",
+            )?)?,
             outbound_cidrs: parse_cidr_set("outbound-cidrs", &get(&self.outbound_cidrs, "*"))?,
             exclude_outbound_cidrs: parse_cidr_set(
                 "exclude-outbound-cidrs",
@@ -583,12 +670,15 @@ impl RawOptions {
                     ("auto", BackendChoice::Auto),
                 ],
             )?,
-            netns: self
-                .netns
-                .as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
+            netns: self.netns.as_deref().map(parse_netns).transpose()?,
+            timeout: {
+                let v = get(&self.timeout, "30s");
+                match crate::proxy::parse_duration(&v) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => return Err(invalid("timeout", &v, "a timeout must be above zero")),
+                    Err(e) => return Err(invalid("timeout", &v, e)),
+                }
+            },
         };
         cfg.check_combinations()?;
         Ok(cfg)

@@ -4,11 +4,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sched::{setns, CloneFlags};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,14 @@ pub enum NetnsError {
         "cannot enter network namespace {path}: {source} (shunt needs CAP_SYS_ADMIN for setns)"
     )]
     Enter { path: PathBuf, source: nix::Error },
+    #[error(
+        "another shunt (an init container, a CNI ADD or DEL, a retried apply) is changing the \
+         rules of network namespace {path} and did not finish within {waited:?}; try again, or \
+         raise --timeout (`fuser -v {path}` shows who holds it)"
+    )]
+    Busy { path: PathBuf, waited: Duration },
+    #[error("cannot lock network namespace {path}: {source}")]
+    Lock { path: PathBuf, source: nix::Error },
 }
 
 /// NS_GET_NSTYPE from <linux/nsfs.h>, `_IO(0xb7, 0x3)` (Linux 4.11).
@@ -65,10 +76,16 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // O_NONBLOCK: opening a FIFO planted at the path must not hang; it then fails the
+        // namespace check below like any other file.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| NetnsError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         // Caught here, the mistake is named; caught by setns in a child, it reads as
         // "iptables-save could not be started: Invalid argument".
         if let Some(what) = not_netns(&file) {
@@ -104,6 +121,65 @@ impl Netns {
         std::thread::spawn(move || ns.enter().map(|()| f()))
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+/// An exclusive hold on a namespace's capture rules, released when dropped (or when the
+/// process dies, even by SIGKILL). Every command that reads and then rewrites the rules
+/// (apply, clean, check, the CNI plugin) holds it from its first read to its last write, so
+/// two of them in one namespace run one after the other, never interleaved.
+///
+/// The lock is `flock` on the namespace's own nsfs inode: every path to one namespace
+/// (`/run/netns/NAME`, `/proc/PID/ns/net`, from any mount namespace: an init container's or
+/// the CNI plugin's on the host) is the same inode, so they all meet on it.
+#[derive(Debug)]
+pub struct Lock {
+    _held: Flock<File>,
+}
+
+/// Takes the namespace's [`Lock`], waiting at most `timeout` for another holder.
+pub fn lock(netns: Option<&Netns>, timeout: Duration) -> Result<Lock, NetnsError> {
+    let path = match netns {
+        Some(ns) => PathBuf::from(format!("/proc/self/fd/{}", ns.file.as_raw_fd())),
+        // Every thread but a `run` one is in the process's namespace.
+        None => PathBuf::from("/proc/self/ns/net"),
+    };
+    let shown = netns.map_or_else(
+        || PathBuf::from(format!("/proc/{}/ns/net", std::process::id())),
+        |ns| ns.path.clone(),
+    );
+    // A description of its own: flock belongs to the open file description, and the Netns
+    // handle's may be shared with children.
+    let mut file = File::open(&path).map_err(|source| NetnsError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => {
+                if start.elapsed() > Duration::from_millis(50) {
+                    tracing::info!(waited = ?start.elapsed(), "waited for another shunt in the namespace");
+                }
+                return Ok(Lock { _held: held });
+            }
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+            Err((_, source)) => {
+                return Err(NetnsError::Lock {
+                    path: shown,
+                    source,
+                })
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(NetnsError::Busy {
+                path: shown,
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

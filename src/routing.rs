@@ -134,6 +134,49 @@ pub fn remove(family: Family, r: Routing, ns: Option<&Netns>) -> Result<bool, Ne
     Ok(copies > 0 || route)
 }
 
+/// The numeric tables that `fwmark M` rules point at (named ones are the kernel's own, which
+/// shunt never uses).
+fn tables_for_mark(rules: &[Value], mark: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = rules
+        .iter()
+        .filter(|x| {
+            x.get("fwmark").and_then(Value::as_str).and_then(|m| {
+                let m = m.split('/').next()?;
+                u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
+            }) == Some(mark)
+        })
+        .filter_map(|x| x.get("table")?.as_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Removes the policy routing of `mark`, whichever tables its rules point at (plus `also`,
+/// for a route left without its rule by an interrupted apply), except `keep`. Returns what
+/// was removed.
+pub fn remove_mark(
+    family: Family,
+    mark: u32,
+    also: Option<u32>,
+    keep: Option<Routing>,
+    ns: Option<&Netns>,
+) -> Result<Vec<Routing>, NetfilterError> {
+    let rules = json(&ip(&[fam(family), "-j", "rule", "show"], ns)?.wait()?);
+    let mut tables = tables_for_mark(&rules, mark);
+    tables.extend(also);
+    tables.sort_unstable();
+    tables.dedup();
+    let mut removed = Vec::new();
+    for table in tables {
+        let r = Routing { mark, table };
+        if Some(r) != keep && remove(family, r, ns)? {
+            removed.push(r);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +210,10 @@ mod tests {
             json(r#"[{"type":"local","dst":"default","dev":"lo","scope":"host","flags":[]}]"#);
         assert!(has_route(&routes));
         assert!(!has_route(&json("[]")));
+        let mixed = json(
+            r#"[{"fwmark":"0x539","table":"133"},{"fwmark":"0x539","table":"77"},{"fwmark":"0x7","table":"9"},{"fwmark":"0x539","table":"main"}]"#,
+        );
+        assert_eq!(tables_for_mark(&mixed, 1337), [77, 133]);
+        assert_eq!(tables_for_mark(&mixed, 8), Vec::<u32>::new());
     }
 }
