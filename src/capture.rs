@@ -177,11 +177,11 @@ impl Target {
 }
 
 /// Opens the namespace and takes its lock; every child tool from here on is bounded by the
-/// same `--timeout`.
+/// same `--wait`.
 fn open_locked(cfg: &CaptureConfig) -> Result<(Option<Netns>, netns::Lock), crate::Error> {
-    netfilter::set_tool_timeout(cfg.timeout);
+    netfilter::set_tool_timeout(cfg.wait);
     let netns = cfg.netns.as_deref().map(Netns::open).transpose()?;
-    let lock = netns::lock(netns.as_ref(), cfg.timeout)?;
+    let lock = netns::lock(netns.as_ref(), cfg.wait)?;
     Ok((netns, lock))
 }
 
@@ -381,10 +381,12 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
     }
     let mut report = CleanReport { removed: vec![] };
     let mut errors: Vec<String> = Vec::new();
-    // (family, mark): the routing to remove once the rules are gone.
-    let mut marks: Vec<(Family, u32)> = Vec::new();
+    // The marks whose policy routing goes once the rules are gone. One plan uses one mark
+    // for both families, so a mark read from either is removed from both: a family whose
+    // rules could not be read still loses its routing.
+    let mut marks: Vec<u32> = Vec::new();
     if cfg.mode == Mode::Tproxy {
-        marks.extend([(Family::V4, cfg.tproxy_mark), (Family::V6, cfg.tproxy_mark)]);
+        marks.push(cfg.tproxy_mark);
     }
     for backend in backends {
         for family in [Family::V4, Family::V6] {
@@ -393,16 +395,19 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
             }
             match clean_family(backend, family, ns) {
                 Ok((script, mark)) => {
-                    marks.extend(mark.map(|m| (family, m)));
+                    marks.extend(mark);
                     report.removed.extend(script.map(|s| (backend, family, s)));
                 }
                 Err(e) => errors.push(format!("{} {}: {e}", backend.name(), family.name())),
             }
         }
     }
-    marks.sort_by_key(|(f, m)| (*f == Family::V6, *m));
+    marks.sort_unstable();
     marks.dedup();
-    for (family, mark) in marks {
+    for (family, mark) in [Family::V4, Family::V6]
+        .into_iter()
+        .flat_map(|f| marks.iter().map(move |m| (f, *m)))
+    {
         let also =
             (cfg.mode == Mode::Tproxy && mark == cfg.tproxy_mark).then_some(cfg.tproxy_route_table);
         match routing::remove_mark(family, mark, also, None, ns) {
@@ -416,8 +421,9 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
                     );
                 }
             }
-            // An IPv6-less kernel has no IPv6 rules to remove.
-            Err(_) if family == Family::V6 && cfg.mode != Mode::Tproxy => {}
+            // A kernel without IPv6 has no IPv6 routing to remove.
+            Err(NetfilterError::ToolFailed { stderr, .. })
+                if family == Family::V6 && stderr.contains("not supported") => {}
             Err(e) => errors.push(format!("{} policy routing: {e}", family.name())),
         }
     }

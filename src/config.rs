@@ -160,7 +160,7 @@ raw_options! {
     netns: "SHUNT_NETNS";
     /// Longest wait for another shunt changing the same namespace, and for each iptables, ip
     /// or nft child (killed after it); 500ms, 30s, 2m [default: 30s]
-    timeout: "SHUNT_TIMEOUT";
+    wait: "SHUNT_WAIT";
 }
 
 /// `--config FILE` plus the capture options: the argument group every command that takes
@@ -351,7 +351,7 @@ pub struct CaptureConfig {
     pub netns: Option<PathBuf>,
     /// Bound on waiting for the namespace's lock and on each child tool.
     #[serde(skip)]
-    pub timeout: std::time::Duration,
+    pub wait: std::time::Duration,
 }
 
 impl Default for CaptureConfig {
@@ -671,12 +671,12 @@ impl RawOptions {
                 ],
             )?,
             netns: self.netns.as_deref().map(parse_netns).transpose()?,
-            timeout: {
-                let v = get(&self.timeout, "30s");
+            wait: {
+                let v = get(&self.wait, "30s");
                 match crate::proxy::parse_duration(&v) {
                     Ok(d) if !d.is_zero() => d,
-                    Ok(_) => return Err(invalid("timeout", &v, "a timeout must be above zero")),
-                    Err(e) => return Err(invalid("timeout", &v, e)),
+                    Ok(_) => return Err(invalid("wait", &v, "the wait must be above zero")),
+                    Err(e) => return Err(invalid("wait", &v, e)),
                 }
             },
         };

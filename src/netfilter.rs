@@ -64,7 +64,7 @@ pub enum NetfilterError {
         source: std::io::Error,
     },
     #[error(
-        "{tool} did not finish within {after:?} and was killed (raise --timeout if this machine \
+        "{tool} did not finish within {after:?} and was killed (raise --wait if this machine \
          is that slow)"
     )]
     Timeout { tool: String, after: Duration },
@@ -107,11 +107,11 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
 }
 
 /// How long one child tool (iptables-restore, ip, ...) may run before it is killed. One
-/// process-wide bound, set once from `--timeout` at the edge, so that every caller of
+/// process-wide bound, set once from `--wait` at the edge, so that every caller of
 /// [`spawn_tool`] (capture, routing, explain) is bounded without threading it through.
 static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64);
 
-/// The documented default for `--timeout` (README: exit codes and faults).
+/// The documented default for `--wait` (README: exit codes and faults).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn set_tool_timeout(t: Duration) {

@@ -35,7 +35,7 @@ pub enum NetnsError {
     #[error(
         "another shunt (an init container, a CNI ADD or DEL, a retried apply) is changing the \
          rules of network namespace {path} and did not finish within {waited:?}; try again, or \
-         raise --timeout (`fuser -v {path}` shows who holds it)"
+         raise --wait (`fuser -v {path}` shows who holds it)"
     )]
     Busy { path: PathBuf, waited: Duration },
     #[error("cannot lock network namespace {path}: {source}")]

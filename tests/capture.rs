@@ -3,7 +3,6 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -76,21 +75,6 @@ impl Probe {
         }
         Landed::Nowhere
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "shunt failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// What a probe is, who sends it (uid, gid, source address), where to, and where it must land.
@@ -295,13 +279,6 @@ fn include_lists_capture_only_what_they_name() {
     }
 }
 
-fn saves(ns: &Ns, backend: &str) -> (String, String) {
-    (
-        ns.iptables_save(backend, false),
-        ns.iptables_save(backend, true),
-    )
-}
-
 #[test]
 fn apply_is_idempotent_and_converges() {
     require_netns!();
@@ -415,40 +392,6 @@ fn check_reports_drift_with_a_diff() {
     assert_eq!(v["in_sync"], false);
 }
 
-/// Rules another tool owns, in several tables and both families, through the `iptables`
-/// crate (run inside the namespace: its commands inherit the thread's namespace).
-fn add_foreign_rules(ns: &Ns, backend: &'static str) {
-    ns.handle
-        .run(move || {
-            for v6 in [false, true] {
-                let cmd: &'static str = match (backend, v6) {
-                    ("nft", false) => "iptables-nft",
-                    ("nft", true) => "ip6tables-nft",
-                    (_, false) => "iptables-legacy",
-                    (_, true) => "ip6tables-legacy",
-                };
-                let ipt = iptables::IPTables {
-                    cmd,
-                    has_check: true,
-                    has_wait: true,
-                    is_numeric: false,
-                };
-                ipt.append("filter", "INPUT", "-p tcp --dport 22 -j ACCEPT")
-                    .unwrap();
-                ipt.new_chain("nat", "FOREIGN_OUT").unwrap();
-                ipt.append("nat", "FOREIGN_OUT", "-p tcp --dport 5000 -j RETURN")
-                    .unwrap();
-                ipt.append("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap();
-                ipt.append("mangle", "PREROUTING", "-p udp -j MARK --set-mark 7")
-                    .unwrap();
-                ipt.append("raw", "OUTPUT", "-p udp --dport 53 -j CT --zone 3")
-                    .unwrap();
-                assert!(ipt.exists("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap());
-            }
-        })
-        .unwrap();
-}
-
 fn clean_leaves_foreign_rules(backend: &'static str) {
     let ns = Ns::new("clean");
     add_foreign_rules(&ns, backend);
@@ -489,39 +432,6 @@ fn failing_v6_restore() -> tempdir::Dir {
                   /usr/sbin/ip6tables-nft-restore \"$@\"\n";
     dir.write_exec("ip6tables-nft-restore", script);
     dir
-}
-
-mod tempdir {
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::PathBuf;
-
-    pub struct Dir(pub PathBuf);
-
-    impl Dir {
-        pub fn new(tag: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!("shunt-{tag}-{}", std::process::id()));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn write_exec(&self, name: &str, text: &str) {
-            let f = self.0.join(name);
-            std::fs::write(&f, text).unwrap();
-            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        pub fn path_with_system(&self) -> String {
-            format!(
-                "{}:{}",
-                self.0.display(),
-                std::env::var("PATH").unwrap_or_default()
-            )
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 #[test]

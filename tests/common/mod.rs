@@ -316,3 +316,95 @@ pub fn original_dst(s: &TcpStream) -> SocketAddr {
 pub fn fd_of(s: &TcpStream) -> i32 {
     s.as_raw_fd()
 }
+
+/// The stdout of a command that must have succeeded (else its output is the panic).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "shunt failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Both families' saves of one backend, without counters or timestamps.
+pub fn saves(ns: &Ns, backend: &str) -> (String, String) {
+    (
+        ns.iptables_save(backend, false),
+        ns.iptables_save(backend, true),
+    )
+}
+
+/// Rules another tool owns, in several tables and both families, through the `iptables`
+/// crate (run inside the namespace: its commands inherit the thread's namespace).
+pub fn add_foreign_rules(ns: &Ns, backend: &'static str) {
+    ns.handle
+        .run(move || {
+            for v6 in [false, true] {
+                let cmd: &'static str = match (backend, v6) {
+                    ("nft", false) => "iptables-nft",
+                    ("nft", true) => "ip6tables-nft",
+                    (_, false) => "iptables-legacy",
+                    (_, true) => "ip6tables-legacy",
+                };
+                let ipt = iptables::IPTables {
+                    cmd,
+                    has_check: true,
+                    has_wait: true,
+                    is_numeric: false,
+                };
+                ipt.append("filter", "INPUT", "-p tcp --dport 22 -j ACCEPT")
+                    .unwrap();
+                ipt.new_chain("nat", "FOREIGN_OUT").unwrap();
+                ipt.append("nat", "FOREIGN_OUT", "-p tcp --dport 5000 -j RETURN")
+                    .unwrap();
+                ipt.append("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap();
+                ipt.append("mangle", "PREROUTING", "-p udp -j MARK --set-mark 7")
+                    .unwrap();
+                ipt.append("raw", "OUTPUT", "-p udp --dport 53 -j CT --zone 3")
+                    .unwrap();
+                assert!(ipt.exists("nat", "OUTPUT", "-j FOREIGN_OUT").unwrap());
+            }
+        })
+        .unwrap();
+}
+
+/// A temporary directory for stub tools, removed on drop.
+pub mod tempdir {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    pub struct Dir(pub PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("shunt-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn write_exec(&self, name: &str, text: &str) {
+            let f = self.0.join(name);
+            std::fs::write(&f, text).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        pub fn path_with_system(&self) -> String {
+            format!(
+                "{}:{}",
+                self.0.display(),
+                std::env::var("PATH").unwrap_or_default()
+            )
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
