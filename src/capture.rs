@@ -36,7 +36,8 @@ fn backend_available(b: Backend) -> Result<(), NetfilterError> {
     }
 }
 
-fn holds_shunt(saved: &Saved) -> bool {
+/// Whether a save holds any of shunt's chains or jumps.
+pub fn holds_shunt(saved: &Saved) -> bool {
     netfilter::views(saved).iter().any(|(_, v)| !v.is_empty())
 }
 
@@ -76,17 +77,34 @@ fn choose_backend(
                      and `iptables-nft-save`)"
                 );
             }
-            let rule_count = |s: &Saved| s.tables.iter().map(|t| t.rules.len()).sum::<usize>();
-            let pick = holding
-                .iter()
-                .max_by_key(|(_, s)| (holds_shunt(s), rule_count(s)))
-                .map(|(b, _)| *b)
-                .unwrap_or(seen[0].0);
+            let pick = pick_backend(&seen);
             let saved = seen.into_iter().find(|(b, _)| *b == pick).map(|(_, s)| s);
             tracing::debug!(backend = pick.name(), "backend chosen");
             Ok((pick, saved))
         }
     }
+}
+
+/// The `auto` rule, on the IPv4 saves of the available backends (nft first): the one that
+/// holds shunt's rules, else the one with more rules, else the first. `doctor` inspects
+/// what this picks, so both always look at the same backend.
+pub fn pick_backend(seen: &[(Backend, Saved)]) -> Backend {
+    let rule_count = |s: &Saved| s.tables.iter().map(|t| t.rules.len()).sum::<usize>();
+    seen.iter()
+        .filter(|(_, s)| s.has_rules())
+        .max_by_key(|(_, s)| (holds_shunt(s), rule_count(s)))
+        .or(seen.first())
+        .map_or(Backend::Nft, |(b, _)| *b)
+}
+
+/// Whether the kernel has IPv6 on in the namespace (`/proc/sys/net` shows the namespace of
+/// the thread that opens it).
+pub fn ipv6_kernel_enabled(ns: Option<&Netns>) -> Result<bool, netns::NetnsError> {
+    netns::run_in(ns, || {
+        std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+            .map(|s| s.trim() == "0")
+            .unwrap_or(false)
+    })
 }
 
 /// IPv6 is usable when the namespace has it enabled and ip6tables is installed.
@@ -99,12 +117,7 @@ fn ipv6_enabled(
         Ipv6::On => Ok(true),
         Ipv6::Off => Ok(false),
         Ipv6::Auto => {
-            // /proc/sys/net shows the namespace of the thread that opens it.
-            let kernel = netns::run_in(ns, || {
-                std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
-                    .map(|s| s.trim() == "0")
-                    .unwrap_or(false)
-            })?;
+            let kernel = ipv6_kernel_enabled(ns)?;
             let tools = backend.available(Family::V6);
             if kernel && !tools {
                 tracing::warn!(

@@ -818,12 +818,59 @@ mod tests {
                 vec![("inbound_ports", "80,15006")],
                 vec!["15006", "--inbound-ports"],
             ),
+            (
+                vec![("inbound_ports", "80,,81")],
+                vec!["80,,81", "empty item"],
+            ),
+            (
+                vec![("exclude_outbound_cidrs", "10.0.0.0/8,")],
+                vec!["--exclude-outbound-cidrs", "empty item"],
+            ),
+            (
+                vec![("proxy_uid", ",1337")],
+                vec!["--proxy-uid", "empty item"],
+            ),
+            (vec![("netns", "")], vec!["--netns", "current namespace"]),
+            (vec![("netns", "  ")], vec!["--netns"]),
+            (
+                vec![("mode", "tproxy"), ("tproxy_route_table", "254")],
+                vec!["--tproxy-route-table", "254", "kernel's own"],
+            ),
+            (vec![("wait", "0")], vec!["--wait", "above zero"]),
+            (vec![("wait", "soon")], vec!["--wait", "soon"]),
         ] {
             let msg = err(&pairs);
             for n in needles {
                 assert!(msg.contains(n), "{msg:?} should mention {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_huge_refused_value_is_cut_in_the_message() {
+        let huge = "x".repeat(1 << 20);
+        let msg = err(&[("exclude_outbound_cidrs", &huge)]);
+        assert!(msg.len() < 1000, "{} bytes", msg.len());
+        assert!(msg.contains("1048576 bytes in all"), "{msg}");
+        // Cut on a character boundary.
+        let wide = "é".repeat(300);
+        assert!(shorten(&wide).starts_with(&"é".repeat(100)));
+        // An empty list is still the empty list.
+        assert!(raw(&[("inbound_ports", " ")])
+            .resolve()
+            .unwrap()
+            .inbound_ports
+            .is_empty());
+    }
+
+    #[test]
+    fn a_config_file_over_the_cap_is_refused() {
+        let path = std::env::temp_dir().join(format!("shunt-big-{}.toml", std::process::id()));
+        let line = "# padding\n".repeat((MAX_CONFIG_FILE as usize) / 10 + 1);
+        std::fs::write(&path, format!("proxy_port = 15001\n{line}")).unwrap();
+        let e = read_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.contains("larger than 1024 KiB"), "{e}");
     }
 
     #[test]

@@ -196,16 +196,10 @@ fn save_with_counters(b: Backend, family: Family, ns: Option<&Netns>) -> Option<
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn holds_shunt(saved: &Saved) -> bool {
-    netfilter::views(saved).iter().any(|(_, v)| !v.is_empty())
-}
+use crate::capture::holds_shunt;
 
 fn ipv6_enabled(ns: Option<&Netns>) -> Result<bool, crate::Error> {
-    Ok(netns::run_in(ns, || {
-        std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
-            .map(|s| s.trim() == "0")
-            .unwrap_or(false)
-    })?)
+    Ok(capture::ipv6_kernel_enabled(ns)?)
 }
 
 /// Runs every check against the namespace in `cfg.netns` (or the current one).
@@ -236,14 +230,14 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     let backend = match cfg.backend {
         crate::config::BackendChoice::Legacy => Backend::Legacy,
         crate::config::BackendChoice::Nft => Backend::Nft,
-        crate::config::BackendChoice::Auto => {
-            if with_shunt.contains("nft") || (with_shunt.is_empty() && !holding.contains("legacy"))
-            {
-                Backend::Nft
-            } else {
-                Backend::Legacy
-            }
-        }
+        // The same rule as apply's, on the same saves.
+        crate::config::BackendChoice::Auto => capture::pick_backend(
+            &saves
+                .iter()
+                .filter(|(_, f, _)| *f == Family::V4)
+                .map(|(b, _, s)| (*b, s.clone()))
+                .collect::<Vec<_>>(),
+        ),
     };
     checks.push(match holding.len() {
         0 => check(
