@@ -2,7 +2,7 @@
 # Installs what the demo, the tests and the benchmarks need on a Debian machine (as root).
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
-debs=(iptables iproute2 python3 python3-prometheus-client curl procps containernetworking-plugins
+debs=(iptables nftables iproute2 python3 python3-prometheus-client curl procps containernetworking-plugins
   dnsmasq-base hping3 "$@")
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -20,15 +20,14 @@ pod=shunt-stress-pod-$$
 remote=shunt-stress-remote-$$
 work=$(mktemp -d)
 proxy_pid=
-cleanup() {
+drop_ns() {
   [[ -n $proxy_pid ]] && kill "$proxy_pid" 2>/dev/null || true
   ip netns del "$pod" 2>/dev/null || true
   ip netns del "$remote" 2>/dev/null || true
-  rm -rf "$work"
 }
-trap cleanup EXIT
+trap 'drop_ns; rm -rf "$work"' EXIT
 fresh() {
-  cleanup
+  drop_ns
   ip netns add "$pod"; ip -n "$pod" link set lo up
 }
 
@@ -109,7 +108,7 @@ churn() { # $1 = backend
     ip netns exec "$pod" curl -fsS -o /dev/null http://127.0.0.1:15000/ready 2>/dev/null && break
     sleep 0.1
   done
-  ip netns exec "$pod" setpriv --reuid 1000 --regid 1000 --clear-groups python3 - "$SECS" <<'EOF'
+  ip netns exec "$pod" setpriv --reuid 1000 --regid 1000 --clear-groups /usr/bin/python3 - "$SECS" <<'EOF'
 import socket, sys, time
 end = time.time() + float(sys.argv[1])
 while time.time() < end:

@@ -180,10 +180,7 @@ impl Target {
                         .ok_or_else(|| NetfilterError::MissingTool {
                             tool: self.backend.tool(family, "save"),
                         })?;
-                Ok(FamilyState {
-                    family,
-                    views: netfilter::views(&saved),
-                })
+                Ok(FamilyState::of(family, &saved))
             })
             .collect()
     }
@@ -455,10 +452,7 @@ fn clean_family(
     ns: Option<&Netns>,
 ) -> Result<(Option<String>, Option<u32>), NetfilterError> {
     let saved = netfilter::save(backend, family, ns)?;
-    let state = FamilyState {
-        family,
-        views: netfilter::views(&saved),
-    };
+    let state = FamilyState::of(family, &saved);
     let mark = installed_mark(&state.views);
     let empty = [(family, netfilter::planned_views(None))];
     let applied = netfilter::apply_families(backend, ns, std::slice::from_ref(&state), &empty)?;

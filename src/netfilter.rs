@@ -401,6 +401,69 @@ fn spawn_restore(
 pub struct FamilyState {
     pub family: Family,
     pub views: Vec<(TableName, ShuntView)>,
+    /// Tables the save did not list: restoring into one creates it, so a rollback removes it
+    /// again where the backend allows (nft).
+    pub absent: Vec<TableName>,
+}
+
+impl FamilyState {
+    pub fn of(family: Family, saved: &rules::Saved) -> FamilyState {
+        FamilyState {
+            family,
+            views: views(saved),
+            absent: TableName::ALL
+                .into_iter()
+                .filter(|t| saved.table(t.as_str()).is_none())
+                .collect(),
+        }
+    }
+}
+
+/// Whether a table holds nothing but shunt's chains and jumps and its built-in chains accept:
+/// once shunt's part is gone, it is the empty table a restore created.
+fn only_shunt(table: &rules::SavedTable) -> bool {
+    table
+        .chains
+        .iter()
+        .all(|(name, policy)| rules::is_shunt_chain(name) || policy == "ACCEPT")
+        && table.rules.iter().all(|r| {
+            rules::is_shunt_chain(&r.chain) || r.target_chain().is_some_and(rules::is_shunt_chain)
+        })
+}
+
+/// Deletes the nft tables that a failed apply created and its rollback emptied, so the
+/// namespace is as found, not one empty `*nat` richer. Needs `nft`; without it the empty
+/// tables stay (harmless: no rules, policy ACCEPT).
+fn drop_created_tables(
+    family: Family,
+    before: &FamilyState,
+    now: &rules::Saved,
+    ns: Option<&Netns>,
+) {
+    let created: Vec<TableName> = before
+        .absent
+        .iter()
+        .copied()
+        .filter(|t| now.table(t.as_str()).is_some_and(only_shunt))
+        .collect();
+    if created.is_empty() {
+        return;
+    }
+    if find_on_path("nft").is_none() {
+        tracing::debug!("nft not installed: leaving the empty tables the rollback emptied");
+        return;
+    }
+    let fam = match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    };
+    for t in created {
+        let r = spawn_tool("nft", &["delete", "table", fam, t.as_str()], None, ns)
+            .and_then(Running::wait);
+        if let Err(e) = r {
+            tracing::warn!("could not remove the empty {fam} {} table: {e}", t.as_str());
+        }
+    }
 }
 
 /// The result of [`apply_families`]: the scripts that ran, per family.
@@ -482,6 +545,9 @@ fn converge_back(
                 prev.family.name()
             );
             spawn_restore(backend, prev.family, &back, ns)?.wait()?;
+        }
+        if backend == Backend::Nft {
+            drop_created_tables(prev.family, prev, saved, ns);
         }
     }
     Ok(())

@@ -153,6 +153,33 @@ fn rules_in_both_backends_warn() {
 }
 
 #[test]
+fn with_shunt_in_both_backends_doctor_inspects_the_one_apply_writes() {
+    require_netns!();
+    let ns = Ns::new("doc-both");
+    // Legacy holds more rules (a long exclusion list), nft a few: apply's auto rule picks
+    // legacy, and doctor must look at the same backend (it used to prefer nft).
+    apply(&ns, &["--backend", "nft", "--ipv6", "off"]);
+    let cidrs: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
+    apply(
+        &ns,
+        &[
+            "--backend",
+            "legacy",
+            "--ipv6",
+            "off",
+            "--exclude-outbound-cidrs",
+            &cidrs.join(","),
+        ],
+    );
+    let out = ns.shunt(&["apply", "--dry-run", "--json", "--ipv6", "off"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["backend"], "legacy", "{report}");
+    let (_, text) = doctor(&ns, &["--ipv6", "off"]);
+    let l = line(&text, "chains-v4");
+    assert!(l.contains("legacy backend"), "{text}");
+}
+
+#[test]
 fn ipv6_on_without_ipv6_rules_fails() {
     require_netns!();
     let t = Topology::new();

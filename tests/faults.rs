@@ -495,3 +495,34 @@ fn an_empty_or_non_namespace_netns_is_refused_without_touching_anything() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_rollback_in_a_fresh_namespace_leaves_no_empty_tables_behind() {
+    require_netns!();
+    let ns = Ns::new("freshroll");
+    let before = saves(&ns, "nft");
+    // IPv4 succeeds and creates its tables; IPv6 fails, so IPv4 is rolled back.
+    let stub = failing_last_table("nft");
+    std::fs::remove_file(stub.0.join("iptables-nft-restore")).unwrap();
+    let out = shunt_command()
+        .args([
+            "apply",
+            "--backend",
+            "nft",
+            "--ipv6",
+            "on",
+            "--netns",
+            &ns.path(),
+        ])
+        .args([
+            "--redirect-dns",
+            "--dns-servers",
+            "10.200.0.53",
+            "--drop-invalid",
+        ])
+        .env("PATH", stub.path_with_system())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(saves(&ns, "nft"), before, "the rollback left tables behind");
+}
