@@ -470,10 +470,22 @@ fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigEr
     Ok(out)
 }
 
-/// Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..".
+/// Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..". Linux allows
+/// '"', but iptables-save prints interface names unquoted, so a rule naming one could not be
+/// read back: after `apply`, `check` and `clean` would fail on the save.
 fn parse_ifaces(option: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
     for item in items(option, value)? {
+        if item.contains('"') {
+            return Err(invalid(
+                option,
+                value,
+                format!(
+                    "'{item}' contains '\"', which iptables-save prints unquoted: shunt could \
+                     not read its own rules back"
+                ),
+            ));
+        }
         let ok = item.len() <= 15
             && item != "."
             && item != ".."
@@ -844,6 +856,24 @@ mod tests {
                 assert!(msg.contains(n), "{msg:?} should mention {n:?}");
             }
         }
+    }
+
+    /// `--exclude-interfaces 'a"b'` rendered `-i "a\"b"`, which iptables-restore installs as
+    /// `a"b`; iptables-save prints `-i a"b`, an open quote to any reader, so `check` and
+    /// `clean` failed with "unterminated quote" and the rules could not be removed.
+    #[test]
+    fn interface_names_with_a_quote_are_refused() {
+        for key in ["exclude_interfaces", "virt_interfaces"] {
+            let msg = err(&[(key, "eth0,a\"b")]);
+            assert!(
+                msg.contains("'a\"b'") && msg.contains("iptables-save"),
+                "{msg}"
+            );
+        }
+        let c = raw(&[("exclude_interfaces", r"a\b,eth+,!x")])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.exclude_interfaces, [r"a\b", "eth+", "!x"]);
     }
 
     #[test]

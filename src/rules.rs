@@ -58,20 +58,19 @@ impl Saved {
     }
 }
 
-/// Splits a rule line into arguments the way iptables-restore does (double quotes group,
-/// a backslash escapes a quote).
+/// Splits a rule line into arguments the way iptables-restore does: double quotes group, and
+/// inside them a backslash takes the next character as it is (iptables-save writes a comment
+/// `a"b\` as `"a\"b\\"`); outside quotes a backslash is an ordinary character.
 pub fn tokenize(line: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
     let mut quoted = false;
-    let mut chars = line.chars().peekable();
+    let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' if quoted && chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
+            // A backslash that ends the line leaves the quote open: an error below.
+            '\\' if quoted => cur.extend(chars.next()),
             '"' => {
                 quoted = !quoted;
                 in_word = true;
@@ -255,5 +254,28 @@ COMMIT
         assert!(parse("*nat\n-A X -j Y\n").is_err());
         assert!(parse("-A X -j Y\n").is_err());
         assert!(tokenize("a \"b").is_err());
+    }
+
+    /// iptables-save escapes `\` and `"` inside quotes (a comment `end\` is saved as
+    /// `"end\\"`). Read with only `\"` as an escape, `\\` stayed two backslashes and the `\"`
+    /// before the closing quote was taken for a quote, so the whole save was refused.
+    #[test]
+    fn a_backslash_in_quotes_takes_the_next_character() {
+        let s = parse(concat!(
+            "*filter\n",
+            r#"-A INPUT -m comment --comment "end\\" -j ACCEPT"#,
+            "\n",
+            r#"-A INPUT -m comment --comment "a\\b \"c\" \z" -j ACCEPT"#,
+            "\nCOMMIT\n",
+        ))
+        .unwrap();
+        let rules = &s.table("filter").unwrap().rules;
+        assert_eq!(rules[0].args[3], r"end\");
+        assert_eq!(rules[1].args[3], r#"a\b "c" z"#);
+        // Outside quotes, as iptables-restore reads `-i q\w`.
+        assert_eq!(tokenize(r"-i q\w").unwrap(), ["-i", r"q\w"]);
+        // Shrunk by tests/properties.rs: the token ` \` (from `" "\`) printed back as `" \"`.
+        assert_eq!(tokenize(r#"" "\"#).unwrap(), [r" \"]);
+        assert!(tokenize(r#""a\"#).is_err());
     }
 }
