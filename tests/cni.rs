@@ -506,17 +506,20 @@ fn install_turns_a_lone_conf_into_a_conflist() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The plugin alone, as a runtime calls it: `CNI_COMMAND`, a config on stdin, and `env` on
+/// top of this process's environment.
+fn plugin(cmd: &str, conf: &str, env: &[(&str, &str)]) -> std::process::Output {
+    common::output_with_stdin(
+        common::shunt_command()
+            .env("CNI_COMMAND", cmd)
+            .envs(env.iter().copied()),
+        conf.as_bytes(),
+    )
+}
+
 #[test]
 fn status_and_gc_for_cni_1_1() {
-    // The plugin alone, as a runtime calls it: CNI_COMMAND, a config on stdin, a PATH.
-    let run = |cmd: &str, conf: &str, path: &str| {
-        common::output_with_stdin(
-            common::shunt_command()
-                .env("CNI_COMMAND", cmd)
-                .env("PATH", path),
-            conf.as_bytes(),
-        )
-    };
+    let run = |cmd: &str, conf: &str, path: &str| plugin(cmd, conf, &[("PATH", path)]);
     let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "shunt"}).to_string();
     let path = std::env::var("PATH").unwrap_or_default();
     let ok = run("STATUS", &conf, &path);
@@ -536,4 +539,139 @@ fn status_and_gc_for_cni_1_1() {
     let out = run("ADD", old, &path);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["code"], 1, "{v}");
+}
+
+/// A file that must survive: its content and mode are checked with [`assert_untouched`].
+fn victim(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, format!("secret {name}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn assert_untouched(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let name = p.file_name().unwrap().to_string_lossy();
+    let meta = std::fs::symlink_metadata(p).unwrap();
+    assert!(
+        meta.is_file(),
+        "{} is no longer a regular file",
+        p.display()
+    );
+    let data = std::fs::read(p).unwrap();
+    assert!(
+        data == format!("secret {name}\n").as_bytes(),
+        "{} was written through a symlink: {} bytes now",
+        p.display(),
+        data.len()
+    );
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "{}: mode changed through a symlink",
+        p.display()
+    );
+}
+
+/// Plants a symlink at `at` pointing to a fresh victim file named `name`.
+fn plant(at: &Path, victims: &Path, name: &str) -> PathBuf {
+    let v = victim(victims, name);
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(&v, at).unwrap();
+    v
+}
+
+#[test]
+fn install_and_uninstall_never_write_through_symlinks() {
+    // In-process, so the temporary names an older shunt derived from its pid are predictable
+    // here: a symlink is planted at each of them, and at every path install and uninstall
+    // write or remove.
+    let d = tmpdir("links");
+    let (net, bin, victims) = (d.join("net.d"), d.join("bin"), d.join("victims"));
+    let pid = std::process::id();
+    let list = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "calico"}]});
+    // The primary conflist itself is a symlink to a file kept elsewhere.
+    let elsewhere = victims.join("real.conflist");
+    std::fs::create_dir_all(&victims).unwrap();
+    std::fs::write(&elsewhere, list.to_string()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, net.join("10-calico.conflist")).unwrap();
+    let mut planted = vec![
+        plant(&bin.join("shunt"), &victims, "bin"),
+        plant(
+            &bin.join(format!(".shunt.shunt-tmp-{pid}")),
+            &victims,
+            "bin-tmp",
+        ),
+        plant(
+            &net.join(format!(".10-calico.conflist.shunt-tmp-{pid}")),
+            &victims,
+            "conf-tmp",
+        ),
+    ];
+    let done =
+        shunt::cni::install::install(&net, Some(&bin), &serde_json::Map::new()).expect("install");
+    assert!(done.changed);
+    for v in &planted {
+        assert_untouched(v);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&elsewhere).unwrap(),
+        list.to_string(),
+        "the symlinked conflist's target was written"
+    );
+    let installed = net.join("10-calico.conflist");
+    assert!(std::fs::symlink_metadata(&installed).unwrap().is_file());
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&installed).unwrap()).unwrap();
+    assert_eq!(shunt_entries(&v), 1, "{v}");
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    assert!(std::fs::read(bin.join("shunt")).unwrap() == exe);
+
+    planted.push(plant(&bin.join("shunt"), &victims, "bin-again"));
+    planted.push(plant(
+        &net.join(format!(".10-calico.conflist.shunt-tmp-{pid}")),
+        &victims,
+        "conf-tmp-again",
+    ));
+    assert!(shunt::cni::install::uninstall(&net, Some(&bin)).expect("uninstall"));
+    for v in &planted {
+        assert_untouched(v);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&installed).unwrap()).unwrap();
+    assert_eq!(v, list);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn plugin_log_file_is_private_and_never_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmpdir("log");
+    let victims = d.join("victims");
+    // Any command that logs: an unsupported version is an error, logged before the reply.
+    let conf = |log: &Path| {
+        json!({"cniVersion": "0.2.0", "name": "n", "type": "shunt", "log_file": log}).to_string()
+    };
+    let log = d.join("plugin.log");
+    let out = plugin("ADD", &conf(&log), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not supported"), "{text}");
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "a new log file is readable by others: {mode:o}"
+    );
+    let link = d.join("planted.log");
+    let v = plant(&link, &victims, "log");
+    let out = plugin("ADD", &conf(&link), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_untouched(&v);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("planted.log") && stderr.contains("not supported"),
+        "the refused log file is named and the log goes to stderr: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -2,10 +2,12 @@
 //! the end of the primary network's conflist, atomically and idempotently.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use serde_json::{json, Map, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,26 +32,93 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     }
 }
 
-/// Writes a file so that readers see the old or the new content, never a mix: a temporary file
-/// in the same directory, flushed, then renamed over the target.
+/// Writes a file so that readers see the old or the new content, never a mix: a new file in
+/// the same directory (one filesystem, so the rename is atomic), flushed, then renamed over the
+/// target. The rename replaces a symlink at `path` itself, never the file it points to.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.shunt-tmp-{}", std::process::id()));
+    let (tmp, mut f) = create_temp(path).map_err(io(path))?;
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
+        return Err(io(path)(e));
     }
-    result.map_err(io(path))
+    // The rename survives a crash once the directory is synced; the new content is in place
+    // whether or not that succeeds, so a failure here is not the write's.
+    let _ = fs::File::open(parent(path)).and_then(|d| d.sync_all());
+    Ok(())
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates the file that will become `path`, beside it, under a name nobody can guess, with
+/// O_CREAT|O_EXCL|O_NOFOLLOW: whatever is planted at that name (a file, a symlink to
+/// /etc/shadow) makes the open fail instead of being written through; another name is tried.
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, fs::File)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let names = std::iter::repeat_with(|| {
+        parent(path).join(format!(".{name}.shunt-{:016x}", unpredictable()))
+    });
+    create_first(names.take(16))
+}
+
+/// The first of `names` that can be created new; the last "exists" error when none could.
+fn create_first(names: impl Iterator<Item = PathBuf>) -> std::io::Result<(PathBuf, fs::File)> {
+    let mut last = None;
+    for tmp in names {
+        match open_new(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into()))
+}
+
+fn open_new(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+/// 64 bits another process cannot predict: std seeds `RandomState`'s SipHash keys from the
+/// kernel's random source (and steps them for each new state), and no crate in Cargo.toml
+/// offers randomness more directly.
+fn unpredictable() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// The content of `path` when it is a regular file; `None` for a symlink, a FIFO or a device,
+/// which are never opened for reading in a way that could block or follow them.
+fn read_regular(path: &Path) -> Option<Vec<u8>> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).ok()?;
+    Some(data)
 }
 
 /// The primary network config: the first file in name order, as container runtimes pick it.
@@ -128,7 +197,7 @@ pub fn install(
             let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
             let data = fs::read(&exe).map_err(io(&exe))?;
             let target = dir.join("shunt");
-            if fs::read(&target).ok().as_deref() != Some(&data[..]) {
+            if read_regular(&target).as_deref() != Some(&data[..]) {
                 write_atomic(&target, &data, 0o755)?;
             }
             Some(target)
@@ -211,4 +280,70 @@ pub fn parse_options(text: &str) -> Result<Map<String, Value>, InstallError> {
         .resolve()
         .map_err(|e| InstallError::Options(e.to_string()))?;
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shunt-install-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_planted_temporary_name_is_skipped_never_opened() {
+        let d = scratch("planted");
+        let victim = d.join("victim");
+        fs::write(&victim, "secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let planted = d.join(".planted");
+        symlink(&victim, &planted).unwrap();
+        let dangling = d.join(".dangling");
+        symlink(d.join("nowhere"), &dangling).unwrap();
+        let fresh = d.join(".fresh");
+        let names = [planted.clone(), dangling.clone(), fresh.clone()];
+        let (got, _f) = create_first(names.into_iter()).unwrap();
+        assert_eq!(got, fresh);
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "secret");
+        assert_eq!(
+            fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !d.join("nowhere").exists(),
+            "a dangling symlink was followed"
+        );
+        let all_taken = create_first([planted.clone(), dangling].into_iter());
+        assert_eq!(
+            all_taken.unwrap_err().kind(),
+            std::io::ErrorKind::AlreadyExists
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn write_atomic_replaces_a_symlink_not_its_target() {
+        let d = scratch("replace");
+        let victim = d.join("victim");
+        fs::write(&victim, "secret").unwrap();
+        let path = d.join("10-net.conflist");
+        symlink(&victim, &path).unwrap();
+        write_atomic(&path, b"{}", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "secret");
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
+        let left: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "a temporary file was left behind: {left:?}");
+        assert_eq!(read_regular(&victim).as_deref(), Some(&b"secret"[..]));
+        symlink(&victim, d.join("link")).unwrap();
+        assert_eq!(read_regular(&d.join("link")), None);
+        let _ = fs::remove_dir_all(&d);
+    }
 }

@@ -345,13 +345,15 @@ fn init_logging(stdin: &[u8]) {
         .to_string();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let file = conf.get("log_file").and_then(Value::as_str).and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    let path = conf
+        .get("log_file")
+        .and_then(Value::as_str)
+        .map(PathBuf::from);
+    let (file, refused) = match path.as_deref().map(open_log) {
+        Some(Ok(f)) => (Some(f), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
@@ -360,6 +362,28 @@ fn init_logging(stdin: &[u8]) {
         Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
+    if let (Some(p), Some(e)) = (path, refused) {
+        tracing::warn!(
+            "log_file {}: {e}; logging to stderr instead (log_file must be a regular file or a \
+             new name in an existing directory, not a symlink)",
+            p.display()
+        );
+    }
+}
+
+/// The plugin runs as root in the node's namespace: its log file is opened for appending only,
+/// created private (0600), and never through a symlink, which someone able to write the log
+/// directory could point at any file on the node. O_NONBLOCK: a FIFO planted there fails the
+/// open (no reader) instead of hanging every pod's network setup; regular files ignore it.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
 }
 
 /// Plugin mode: read the config from stdin, run `CNI_COMMAND`, print the result or the error
