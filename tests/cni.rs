@@ -675,3 +675,115 @@ fn plugin_log_file_is_private_and_never_followed() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `shunt cni install|uninstall` on `d`, returning the exit code and stderr.
+fn cni_try(verb: &str, d: &Path) -> (Option<i32>, String) {
+    let out = common::shunt_command()
+        .args(["cni", verb, "--conf-dir"])
+        .arg(d.join("net.d"))
+        .arg("--bin-dir")
+        .arg(d.join("bin"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every file under `dir` (one level) with its size and a digest of its content, to compare
+/// before and after (a binary's bytes would make an unreadable assertion message).
+fn snapshot(dir: &Path) -> Vec<(String, usize, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            data.hash(&mut h);
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, data.len(), h.finish())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn install_keeps_the_conflists_mode_and_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: chown needs root");
+        return;
+    }
+    let meta = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.permissions().mode() & 0o7777, m.uid(), m.gid())
+    };
+    let set = |p: &Path, mode: u32, uid: u32, gid: u32| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let d = tmpdir("owner");
+    let path = d.join("net.d/10-calico.conflist");
+    let list = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "calico"}]});
+    std::fs::write(&path, list.to_string()).unwrap();
+    set(&path, 0o640, 1234, 5678);
+    cni_cmd("install", &d, &[]);
+    assert_eq!(meta(&path), (0o640, 1234, 5678), "install");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(meta(&path), (0o640, 1234, 5678), "uninstall");
+    let _ = std::fs::remove_dir_all(&d);
+    // A lone .conf: the .conflist made from it takes its mode and owner.
+    let d = tmpdir("owner-conf");
+    let conf = d.join("net.d/10-bridge.conf");
+    std::fs::write(
+        &conf,
+        json!({"cniVersion": "0.4.0", "name": "b", "type": "bridge"}).to_string(),
+    )
+    .unwrap();
+    set(&conf, 0o600, 4321, 8765);
+    cni_cmd("install", &d, &[]);
+    assert_eq!(
+        meta(&d.join("net.d/10-bridge.conflist")),
+        (0o600, 4321, 8765)
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_bad_conflist_changes_nothing() {
+    for (i, bad) in [
+        "{",
+        "[]",
+        r#"{"cniVersion": "1.0.0", "name": "n", "plugins": {"type": "calico"}}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = tmpdir(&format!("bad{i}"));
+        std::fs::write(d.join("net.d/10-calico.conflist"), bad).unwrap();
+        let (net, bin) = (snapshot(&d.join("net.d")), snapshot(&d.join("bin")));
+        let (code, stderr) = cni_try("install", &d);
+        assert_eq!(code, Some(1), "{bad}: {stderr}");
+        assert!(stderr.contains("10-calico.conflist"), "{bad}: {stderr}");
+        assert_eq!(
+            snapshot(&d.join("net.d")),
+            net,
+            "{bad}: the conf dir changed"
+        );
+        assert_eq!(
+            snapshot(&d.join("bin")),
+            bin,
+            "{bad}: the binary was installed for a conflist that cannot take it"
+        );
+        // An older binary already there stays as it was, too.
+        std::fs::write(d.join("bin/shunt"), "old").unwrap();
+        let (code, _) = cni_try("install", &d);
+        assert_eq!(code, Some(1));
+        assert_eq!(std::fs::read_to_string(d.join("bin/shunt")).unwrap(), "old");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

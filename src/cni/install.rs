@@ -4,7 +4,7 @@
 use std::fs;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -23,6 +23,13 @@ pub enum InstallError {
     Invalid { path: PathBuf, reason: String },
     #[error("--options must be a JSON object of capture options: {0}")]
     Options(String),
+    #[error("{path}: cannot keep its owner {uid}:{gid} ({source}); run shunt cni as root or as that user")]
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        source: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -32,25 +39,67 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     }
 }
 
+/// Permission bits and owner for a file shunt writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Perms {
+    pub mode: u32,
+    /// `(uid, gid)`; `None`: whoever runs shunt.
+    pub owner: Option<(u32, u32)>,
+}
+
+impl Perms {
+    /// A file of shunt's own: `mode`, owned by whoever runs shunt.
+    pub fn new(mode: u32) -> Perms {
+        Perms { mode, owner: None }
+    }
+
+    /// What `meta` has, for a rewritten file: an operator's 0640 or group stays as it was.
+    fn of(meta: &fs::Metadata) -> Perms {
+        Perms {
+            mode: meta.mode() & 0o7777,
+            owner: Some((meta.uid(), meta.gid())),
+        }
+    }
+}
+
 /// Writes a file so that readers see the old or the new content, never a mix: a new file in
 /// the same directory (one filesystem, so the rename is atomic), flushed, then renamed over the
 /// target. The rename replaces a symlink at `path` itself, never the file it points to.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+pub fn write_atomic(path: &Path, data: &[u8], perms: Perms) -> Result<(), InstallError> {
     let (tmp, mut f) = create_temp(path).map_err(io(path))?;
     let result = (|| {
-        f.write_all(data)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
+        f.write_all(data).map_err(io(path))?;
+        if let Some((uid, gid)) = perms.owner {
+            keep_owner(&f, uid, gid).map_err(|source| InstallError::Owner {
+                path: path.to_path_buf(),
+                uid,
+                gid,
+                source,
+            })?;
+        }
+        // After the chown, which may clear set-id bits.
+        f.set_permissions(fs::Permissions::from_mode(perms.mode))
+            .map_err(io(path))?;
+        f.sync_all().map_err(io(path))?;
+        fs::rename(&tmp, path).map_err(io(path))
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(io(path)(e));
+        return Err(e);
     }
     // The rename survives a crash once the directory is synced; the new content is in place
     // whether or not that succeeds, so a failure here is not the write's.
     let _ = fs::File::open(parent(path)).and_then(|d| d.sync_all());
     Ok(())
+}
+
+/// Gives the new file `uid:gid`; nothing to do (and no privilege needed) when it has them.
+fn keep_owner(f: &fs::File, uid: u32, gid: u32) -> std::io::Result<()> {
+    let meta = f.metadata()?;
+    if (meta.uid(), meta.gid()) == (uid, gid) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(uid), Some(gid))
 }
 
 fn parent(path: &Path) -> &Path {
@@ -144,9 +193,17 @@ pub fn primary_config(conf_dir: &Path) -> Result<PathBuf, InstallError> {
         .ok_or_else(|| InstallError::NoPrimary(conf_dir.to_path_buf()))
 }
 
-fn read_json(path: &Path) -> Result<Map<String, Value>, InstallError> {
-    let text = fs::read_to_string(path).map_err(io(path))?;
-    match serde_json::from_str(&text) {
+/// A network config's text, and the mode and owner to give it back with.
+fn read_conf(path: &Path) -> Result<(String, Perms), InstallError> {
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    let perms = Perms::of(&f.metadata().map_err(io(path))?);
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io(path))?;
+    Ok((text, perms))
+}
+
+fn parse_conf(path: &Path, text: &str) -> Result<Map<String, Value>, InstallError> {
+    match serde_json::from_str(text) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(InstallError::Invalid {
             path: path.to_path_buf(),
@@ -187,49 +244,24 @@ pub struct Installed {
 
 /// Adds (or updates) shunt's entry at the end of the primary conflist; a `.conf` is turned into
 /// a `.conflist` next to it and the old file removed. `options` are extra keys for the entry.
+///
+/// Everything is decided before anything is written: a conflist shunt cannot join changes
+/// nothing, not even the binary. The binary then goes first, so that no runtime reads a
+/// conflist naming a plugin it cannot find.
 pub fn install(
     conf_dir: &Path,
     bin_dir: Option<&Path>,
     options: &Map<String, Value>,
 ) -> Result<Installed, InstallError> {
-    let binary = match bin_dir {
-        Some(dir) => {
-            let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
-            let data = fs::read(&exe).map_err(io(&exe))?;
-            let target = dir.join("shunt");
-            if read_regular(&target).as_deref() != Some(&data[..]) {
-                write_atomic(&target, &data, 0o755)?;
-            }
-            Some(target)
-        }
-        None => None,
-    };
     let primary = primary_config(conf_dir)?;
-    let before = read_json(&primary)?;
-    let mut list = as_conflist(before.clone());
-    let mut entry = Map::new();
-    entry.insert("type".into(), json!("shunt"));
-    entry.insert(
-        "capabilities".into(),
-        json!({"io.kubernetes.cri.pod-annotations": true}),
-    );
-    for (k, v) in options {
-        entry.insert(k.clone(), v.clone());
-    }
-    let plugins = list
-        .get_mut("plugins")
-        .and_then(Value::as_array_mut)
-        .ok_or_else(|| InstallError::Invalid {
-            path: primary.clone(),
-            reason: "\"plugins\" is not a list".into(),
-        })?;
-    plugins.retain(|p| !is_shunt(p));
-    plugins.push(Value::Object(entry));
+    let (text, perms) = read_conf(&primary)?;
     let target = primary.with_extension("conflist");
-    let changed = target != primary || list != before;
+    let new_text = installed_text(&primary, &text, shunt_entry(options))?;
+    let binary = bin_dir.map(install_binary).transpose()?;
+    let changed = target != primary || new_text.is_some();
     if changed {
-        let text = serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n";
-        write_atomic(&target, text.as_bytes(), 0o644)?;
+        let text = new_text.unwrap_or(text);
+        write_atomic(&target, text.as_bytes(), perms)?;
         if target != primary {
             fs::remove_file(&primary).map_err(io(&primary))?;
         }
@@ -241,19 +273,64 @@ pub fn install(
     })
 }
 
+/// shunt's conflist entry: its type, the pod-annotations capability and `options`.
+fn shunt_entry(options: &Map<String, Value>) -> Map<String, Value> {
+    let mut entry = Map::new();
+    entry.insert("type".into(), json!("shunt"));
+    entry.insert(
+        "capabilities".into(),
+        json!({"io.kubernetes.cri.pod-annotations": true}),
+    );
+    for (k, v) in options {
+        entry.insert(k.clone(), v.clone());
+    }
+    entry
+}
+
+/// The text of `path` (which holds `text`) with shunt's `entry` last in its plugins; `None`
+/// when it is there already, as it would be written.
+fn installed_text(
+    path: &Path,
+    text: &str,
+    entry: Map<String, Value>,
+) -> Result<Option<String>, InstallError> {
+    let before = parse_conf(path, text)?;
+    let mut list = as_conflist(before.clone());
+    let plugins = list
+        .get_mut("plugins")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| InstallError::Invalid {
+            path: path.to_path_buf(),
+            reason: "\"plugins\" is not a list".into(),
+        })?;
+    plugins.retain(|p| !is_shunt(p));
+    plugins.push(Value::Object(entry));
+    if list == before {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n",
+    ))
+}
+
+/// Copies the running binary to `dir/shunt` unless the same bytes are there.
+fn install_binary(dir: &Path) -> Result<PathBuf, InstallError> {
+    let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+    let data = fs::read(&exe).map_err(io(&exe))?;
+    let target = dir.join("shunt");
+    if read_regular(&target).as_deref() != Some(&data[..]) {
+        write_atomic(&target, &data, Perms::new(0o755))?;
+    }
+    Ok(target)
+}
+
 /// Removes shunt's entry from the primary conflist (and the binary, when `bin_dir` is given).
 pub fn uninstall(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<bool, InstallError> {
     let primary = primary_config(conf_dir)?;
-    let mut list = read_json(&primary)?;
-    let mut changed = false;
-    if let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) {
-        let n = plugins.len();
-        plugins.retain(|p| !is_shunt(p));
-        changed = plugins.len() != n;
-    }
-    if changed {
-        let text = serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n";
-        write_atomic(&primary, text.as_bytes(), 0o644)?;
+    let (text, perms) = read_conf(&primary)?;
+    let new_text = uninstalled_text(&primary, &text)?;
+    if let Some(t) = &new_text {
+        write_atomic(&primary, t.as_bytes(), perms)?;
     }
     if let Some(dir) = bin_dir {
         let bin = dir.join("shunt");
@@ -261,7 +338,23 @@ pub fn uninstall(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<bool, Instal
             fs::remove_file(&bin).map_err(io(&bin))?;
         }
     }
-    Ok(changed)
+    Ok(new_text.is_some())
+}
+
+/// The text of `path` (which holds `text`) without shunt's entries; `None` when it has none.
+fn uninstalled_text(path: &Path, text: &str) -> Result<Option<String>, InstallError> {
+    let mut list = parse_conf(path, text)?;
+    let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) else {
+        return Ok(None);
+    };
+    let n = plugins.len();
+    plugins.retain(|p| !is_shunt(p));
+    if plugins.len() == n {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n",
+    ))
 }
 
 /// `--options '{"exclude_outbound_cidrs": "10.0.0.0/8"}'`, checked like a CNI config would be.
@@ -332,7 +425,7 @@ mod tests {
         fs::write(&victim, "secret").unwrap();
         let path = d.join("10-net.conflist");
         symlink(&victim, &path).unwrap();
-        write_atomic(&path, b"{}", 0o644).unwrap();
+        write_atomic(&path, b"{}", Perms::new(0o644)).unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "secret");
         assert!(fs::symlink_metadata(&path).unwrap().is_file());
         assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
