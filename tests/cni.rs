@@ -787,3 +787,44 @@ fn a_bad_conflist_changes_nothing() {
         let _ = std::fs::remove_dir_all(&d);
     }
 }
+
+#[test]
+fn converting_a_conf_never_replaces_another_networks_conflist() {
+    let d = tmpdir("clash");
+    let conf = d.join("net.d/10-bridge.conf");
+    let other = d.join("net.d/10-bridge.conflist");
+    std::fs::write(
+        &conf,
+        json!({"cniVersion": "0.4.0", "name": "bridge-net", "type": "bridge"}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        &other,
+        json!({"cniVersion": "1.0.0", "name": "other-net", "plugins": [{"type": "ptp"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let refused = |why: &str| {
+        let (net, bin) = (snapshot(&d.join("net.d")), snapshot(&d.join("bin")));
+        let (code, stderr) = cni_try("install", &d);
+        assert_eq!(code, Some(1), "{why}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{} ", conf.display()))
+                && stderr.contains(&other.display().to_string()),
+            "{why}: the error names both files: {stderr}"
+        );
+        assert_eq!(snapshot(&d.join("net.d")), net, "{why}: a config changed");
+        assert_eq!(snapshot(&d.join("bin")), bin, "{why}: the binary changed");
+    };
+    refused("another network's conflist");
+    // A symlink at that name is refused the same way, and what it points to is kept.
+    std::fs::remove_file(&other).unwrap();
+    let v = plant(&other, &d.join("victims"), "conflist");
+    refused("a symlink");
+    assert_untouched(&v);
+    std::fs::remove_file(&other).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), &other).unwrap();
+    refused("a dangling symlink");
+    assert!(!d.join("nowhere").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

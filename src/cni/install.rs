@@ -23,6 +23,8 @@ pub enum InstallError {
     Invalid { path: PathBuf, reason: String },
     #[error("--options must be a JSON object of capture options: {0}")]
     Options(String),
+    #[error("{conf} cannot become {conflist}: that name is taken (another network's config, or a symlink) and shunt replaces neither; rename one of them or merge them into one conflist, then install again")]
+    Clash { conf: PathBuf, conflist: PathBuf },
     #[error("{path}: cannot keep its owner {uid}:{gid} ({source}); run shunt cni as root or as that user")]
     Owner {
         path: PathBuf,
@@ -66,31 +68,70 @@ impl Perms {
 /// the same directory (one filesystem, so the rename is atomic), flushed, then renamed over the
 /// target. The rename replaces a symlink at `path` itself, never the file it points to.
 pub fn write_atomic(path: &Path, data: &[u8], perms: Perms) -> Result<(), InstallError> {
+    stage(path, data, perms)?.replace().map_err(io(path))
+}
+
+/// The content of `path`, written and flushed beside it, not yet visible under its name; the
+/// temporary file goes away with this value unless it was renamed.
+struct Staged<'a> {
+    tmp: PathBuf,
+    path: &'a Path,
+    renamed: bool,
+}
+
+fn stage<'a>(path: &'a Path, data: &[u8], perms: Perms) -> Result<Staged<'a>, InstallError> {
     let (tmp, mut f) = create_temp(path).map_err(io(path))?;
-    let result = (|| {
-        f.write_all(data).map_err(io(path))?;
-        if let Some((uid, gid)) = perms.owner {
-            keep_owner(&f, uid, gid).map_err(|source| InstallError::Owner {
-                path: path.to_path_buf(),
-                uid,
-                gid,
-                source,
-            })?;
-        }
-        // After the chown, which may clear set-id bits.
-        f.set_permissions(fs::Permissions::from_mode(perms.mode))
-            .map_err(io(path))?;
-        f.sync_all().map_err(io(path))?;
-        fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    let staged = Staged {
+        tmp,
+        path,
+        renamed: false,
+    };
+    f.write_all(data).map_err(io(path))?;
+    if let Some((uid, gid)) = perms.owner {
+        keep_owner(&f, uid, gid).map_err(|source| InstallError::Owner {
+            path: path.to_path_buf(),
+            uid,
+            gid,
+            source,
+        })?;
     }
-    // The rename survives a crash once the directory is synced; the new content is in place
-    // whether or not that succeeds, so a failure here is not the write's.
+    // After the chown, which may clear set-id bits.
+    f.set_permissions(fs::Permissions::from_mode(perms.mode))
+        .map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(staged)
+}
+
+impl Staged<'_> {
+    /// Renames the new file over the target.
+    fn replace(mut self) -> std::io::Result<()> {
+        fs::rename(&self.tmp, self.path)?;
+        self.renamed = true;
+        sync_dir(self.path);
+        Ok(())
+    }
+
+    /// Gives the new file the target's name only if nothing has it (a file, a symlink, even a
+    /// dangling one): link(2) never replaces; the error is then `AlreadyExists`.
+    fn publish_new(self) -> std::io::Result<()> {
+        fs::hard_link(&self.tmp, self.path)?;
+        sync_dir(self.path);
+        Ok(())
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A rename or link survives a crash once its directory is synced; the new name is in place
+/// whether or not that succeeds, so a failure here is not the write's.
+fn sync_dir(path: &Path) {
     let _ = fs::File::open(parent(path)).and_then(|d| d.sync_all());
-    Ok(())
 }
 
 /// Gives the new file `uid:gid`; nothing to do (and no privilege needed) when it has them.
@@ -243,7 +284,8 @@ pub struct Installed {
 }
 
 /// Adds (or updates) shunt's entry at the end of the primary conflist; a `.conf` is turned into
-/// a `.conflist` next to it and the old file removed. `options` are extra keys for the entry.
+/// a `.conflist` next to it and the old file removed, refused when that name is taken.
+/// `options` are extra keys for the entry.
 ///
 /// Everything is decided before anything is written: a conflist shunt cannot join changes
 /// nothing, not even the binary. The binary then goes first, so that no runtime reads a
@@ -257,14 +299,26 @@ pub fn install(
     let (text, perms) = read_conf(&primary)?;
     let target = primary.with_extension("conflist");
     let new_text = installed_text(&primary, &text, shunt_entry(options))?;
+    let clash = || InstallError::Clash {
+        conf: primary.clone(),
+        conflist: target.clone(),
+    };
+    if target != primary && fs::symlink_metadata(&target).is_ok() {
+        return Err(clash());
+    }
     let binary = bin_dir.map(install_binary).transpose()?;
     let changed = target != primary || new_text.is_some();
-    if changed {
+    if target != primary {
         let text = new_text.unwrap_or(text);
+        // Checked above, and again by the link: a file that appeared since is kept too.
+        let staged = stage(&target, text.as_bytes(), perms)?;
+        staged.publish_new().map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => clash(),
+            _ => io(&target)(e),
+        })?;
+        fs::remove_file(&primary).map_err(io(&primary))?;
+    } else if let Some(text) = new_text {
         write_atomic(&target, text.as_bytes(), perms)?;
-        if target != primary {
-            fs::remove_file(&primary).map_err(io(&primary))?;
-        }
     }
     Ok(Installed {
         conflist: target,
@@ -415,6 +469,38 @@ mod tests {
             all_taken.unwrap_err().kind(),
             std::io::ErrorKind::AlreadyExists
         );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn publish_new_keeps_what_appeared_at_the_name() {
+        let d = scratch("new");
+        let path = d.join("10-bridge.conflist");
+        let staged = stage(&path, b"{}", Perms::new(0o644)).unwrap();
+        fs::write(&path, "theirs").unwrap();
+        let e = staged.publish_new().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "theirs");
+        let left: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left.len(),
+            1,
+            "the temporary file was left behind: {left:?}"
+        );
+        fs::remove_file(&path).unwrap();
+        stage(&path, b"{}", Perms::new(0o640))
+            .unwrap()
+            .publish_new()
+            .unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
         let _ = fs::remove_dir_all(&d);
     }
 
