@@ -489,8 +489,8 @@ fn install_turns_a_lone_conf_into_a_conflist() {
             .unwrap();
     assert_eq!(v["cniVersion"], "0.4.0");
     assert_eq!(v["name"], "bridge-net");
-    assert_eq!(v["plugins"][0]["type"], "bridge");
-    assert_eq!(v["plugins"][0]["ipam"], conf["ipam"]);
+    // The config itself, every key kept, is the list's first plugin.
+    assert_eq!(v["plugins"][0], conf);
     assert_eq!(shunt_entries(&v), 1);
     // Bad options are refused before anything is written.
     let out = common::shunt_command()
@@ -826,5 +826,69 @@ fn converting_a_conf_never_replaces_another_networks_conflist() {
     std::os::unix::fs::symlink(d.join("nowhere"), &other).unwrap();
     refused("a dangling symlink");
     assert!(!d.join("nowhere").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A conflist as people write them: keys in no order, odd spacing, a tab, escaped quotes and
+/// brackets inside strings, nested arrays, an exponent, non-ASCII, trailing whitespace.
+const HAND_WRITTEN: &str = r#"{ "name" :"k8s-pod-network",   "cniVersion":"1.0.0",
+	"plugins" : [
+    {   "type":"calico", "log_level" : "info",
+        "ipam":{"type":"calico-ipam","assign_ipv4" : "true"}, "nested": [[1, 2],[3, [4, {"plugins": []}]]],
+        "note": "a \"quoted\" ] } [ , value\\", "é": "ünïcode"
+    }  ,
+    {"type":"portmap","snat":true,"capabilities":{"portMappings":true}}
+  ],
+  "zz": 1.50e3 }  
+"#;
+
+/// The one chunk `new` has that `old` has not; panics unless `new` is `old` with one insertion.
+fn inserted(old: &str, new: &str) -> String {
+    let (a, b) = (old.as_bytes(), new.as_bytes());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    assert_eq!(
+        prefix + suffix,
+        a.len(),
+        "bytes outside shunt's entry changed:\n--- before\n{old}\n--- after\n{new}"
+    );
+    String::from_utf8_lossy(&b[prefix..b.len() - suffix]).into_owned()
+}
+
+#[test]
+fn install_changes_only_shunts_entry_and_uninstall_gives_the_file_back() {
+    let d = tmpdir("bytes");
+    let path = d.join("net.d/10-calico.conflist");
+    std::fs::write(&path, HAND_WRITTEN).unwrap();
+    let original: Value = serde_json::from_str(HAND_WRITTEN).unwrap();
+    let read = || std::fs::read_to_string(&path).unwrap();
+    let install = |cidr: &str| {
+        let opts = json!({"exclude_outbound_cidrs": cidr}).to_string();
+        cni_cmd("install", &d, &["--options", &opts]);
+    };
+    install("169.254.169.254/32");
+    let once = read();
+    let chunk = inserted(HAND_WRITTEN, &once);
+    assert!(chunk.contains(r#""shunt""#), "{chunk}");
+    let v: Value = serde_json::from_str(&once).unwrap();
+    let plugins = v["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(plugins[..2], original["plugins"].as_array().unwrap()[..]);
+    assert_eq!(plugins[2]["exclude_outbound_cidrs"], "169.254.169.254/32");
+    install("169.254.169.254/32");
+    assert_eq!(read(), once, "a second install changed the file");
+    // New options: shunt's entry changes, nothing else does.
+    install("10.0.0.0/8");
+    let chunk = inserted(HAND_WRITTEN, &read());
+    assert!(chunk.contains("10.0.0.0/8"), "{chunk}");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(read(), HAND_WRITTEN, "uninstall did not give the file back");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(read(), HAND_WRITTEN);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::OFlag;
 use serde_json::{json, Map, Value};
 
+use super::splice;
+
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error("{path}: {source}")]
@@ -257,18 +259,36 @@ fn parse_conf(path: &Path, text: &str) -> Result<Map<String, Value>, InstallErro
     }
 }
 
-/// A lone plugin config becomes a one-plugin list (what chaining needs).
-fn as_conflist(mut conf: Map<String, Value>) -> Map<String, Value> {
+/// A lone plugin config as a one-plugin list (what chaining needs): the list takes the
+/// config's name and version, and the plugin keeps all of its keys (runtimes give each plugin
+/// the list's name and version anyway). [`conflist_text`] writes the same thing.
+fn as_conflist(conf: Map<String, Value>) -> Map<String, Value> {
     if conf.contains_key("plugins") {
         return conf;
     }
-    let version = conf.remove("cniVersion").unwrap_or(json!("0.3.1"));
-    let name = conf.remove("name").unwrap_or(json!("k8s-pod-network"));
+    let (version, name) = list_name_and_version(&conf);
     let mut list = Map::new();
     list.insert("cniVersion".into(), version);
     list.insert("name".into(), name);
     list.insert("plugins".into(), Value::Array(vec![Value::Object(conf)]));
     list
+}
+
+fn list_name_and_version(conf: &Map<String, Value>) -> (Value, Value) {
+    let version = conf.get("cniVersion").cloned().unwrap_or(json!("0.3.1"));
+    let name = conf.get("name").cloned();
+    (version, name.unwrap_or(json!("k8s-pod-network")))
+}
+
+/// [`as_conflist`] as text: the lone config's own text is the list's one plugin, its lines
+/// indented to sit in the list (a JSON string holds no raw newline, so only the spacing between
+/// tokens changes).
+fn conflist_text(conf: &Map<String, Value>, text: &str) -> String {
+    let (version, name) = list_name_and_version(conf);
+    let plugin = text.trim().replace('\n', "\n    ");
+    format!(
+        "{{\n  \"cniVersion\": {version},\n  \"name\": {name},\n  \"plugins\": [\n    {plugin}\n  ]\n}}\n"
+    )
 }
 
 fn is_shunt(plugin: &Value) -> bool {
@@ -341,30 +361,80 @@ fn shunt_entry(options: &Map<String, Value>) -> Map<String, Value> {
     entry
 }
 
-/// The text of `path` (which holds `text`) with shunt's `entry` last in its plugins; `None`
-/// when it is there already, as it would be written.
+/// The text of `path` (which holds `text`) with shunt's `entry` last in its plugins and every
+/// other byte as it was; `None` when it is there already, as it would be written.
 fn installed_text(
     path: &Path,
     text: &str,
     entry: Map<String, Value>,
 ) -> Result<Option<String>, InstallError> {
     let before = parse_conf(path, text)?;
-    let mut list = as_conflist(before.clone());
-    let plugins = list
+    let mut intended = as_conflist(before.clone());
+    let plugins = intended
         .get_mut("plugins")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| InstallError::Invalid {
             path: path.to_path_buf(),
             reason: "\"plugins\" is not a list".into(),
         })?;
+    let keep: Vec<bool> = plugins.iter().map(|p| !is_shunt(p)).collect();
     plugins.retain(|p| !is_shunt(p));
-    plugins.push(Value::Object(entry));
-    if list == before {
+    let entry = Value::Object(entry);
+    plugins.push(entry.clone());
+    if intended == before {
         return Ok(None);
     }
-    Ok(Some(
-        serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n",
-    ))
+    let source = if before.contains_key("plugins") {
+        text.to_string()
+    } else {
+        conflist_text(&before, text)
+    };
+    let without = remove_entries(path, &source, &keep)?;
+    let spans = find_plugins(path, &without)?;
+    let new = splice::append(&without, &spans, &entry);
+    means(path, &new, &intended)?;
+    Ok(Some(new))
+}
+
+/// `text` without the plugins whose `keep` is false.
+fn remove_entries(path: &Path, text: &str, keep: &[bool]) -> Result<String, InstallError> {
+    if keep.iter().all(|k| *k) {
+        return Ok(text.to_string());
+    }
+    let spans = find_plugins(path, text)?;
+    if spans.items.len() != keep.len() {
+        return Err(InstallError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "shunt read {} plugins where serde_json read {}: nothing was written (please \
+                 report this, with the file)",
+                spans.items.len(),
+                keep.len()
+            ),
+        });
+    }
+    Ok(splice::remove(text, &spans, keep))
+}
+
+fn find_plugins(path: &Path, text: &str) -> Result<splice::Plugins, InstallError> {
+    splice::find_plugins(text).map_err(|e| InstallError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The edited text must mean exactly what was intended, as serde_json reads it; otherwise
+/// nothing is written.
+fn means(path: &Path, text: &str, intended: &Map<String, Value>) -> Result<(), InstallError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) if m == *intended => Ok(()),
+        _ => Err(InstallError::Invalid {
+            path: path.to_path_buf(),
+            reason: "shunt could not edit its entry without changing others: nothing was \
+                     written (please report this, with the file)"
+                .into(),
+        }),
+    }
 }
 
 /// Copies the running binary to `dir/shunt` unless the same bytes are there.
@@ -395,20 +465,21 @@ pub fn uninstall(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<bool, Instal
     Ok(new_text.is_some())
 }
 
-/// The text of `path` (which holds `text`) without shunt's entries; `None` when it has none.
+/// The text of `path` (which holds `text`) without shunt's entries and every other byte as it
+/// was; `None` when it has none.
 fn uninstalled_text(path: &Path, text: &str) -> Result<Option<String>, InstallError> {
-    let mut list = parse_conf(path, text)?;
-    let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) else {
+    let mut intended = parse_conf(path, text)?;
+    let Some(plugins) = intended.get_mut("plugins").and_then(Value::as_array_mut) else {
         return Ok(None);
     };
-    let n = plugins.len();
-    plugins.retain(|p| !is_shunt(p));
-    if plugins.len() == n {
+    let keep: Vec<bool> = plugins.iter().map(|p| !is_shunt(p)).collect();
+    if keep.iter().all(|k| *k) {
         return Ok(None);
     }
-    Ok(Some(
-        serde_json::to_string_pretty(&Value::Object(list)).unwrap_or_default() + "\n",
-    ))
+    plugins.retain(|p| !is_shunt(p));
+    let new = remove_entries(path, text, &keep)?;
+    means(path, &new, &intended)?;
+    Ok(Some(new))
 }
 
 /// `--options '{"exclude_outbound_cidrs": "10.0.0.0/8"}'`, checked like a CNI config would be.
@@ -502,6 +573,42 @@ mod tests {
         );
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn stale_shunt_entries_go_and_one_is_appended_leaving_the_rest() {
+        let path = Path::new("10-x.conflist");
+        let text = "{\"plugins\": [ {\"type\":\"shunt\"} , {\"type\": \"a\"},\n {\"type\":\"shunt\",\"x\":1},{\"type\":\"b\"} ], \"name\":\"n\"}";
+        let entry = shunt_entry(&Map::new());
+        let new = installed_text(path, text, entry.clone()).unwrap().unwrap();
+        assert_eq!(
+            new,
+            "{\"plugins\": [ {\"type\": \"a\"},{\"type\":\"b\"},{\"capabilities\":\
+             {\"io.kubernetes.cri.pod-annotations\":true},\"type\":\"shunt\"} ], \"name\":\"n\"}"
+        );
+        assert_eq!(installed_text(path, &new, entry).unwrap(), None);
+        assert_eq!(
+            uninstalled_text(path, &new).unwrap().as_deref(),
+            Some("{\"plugins\": [ {\"type\": \"a\"},{\"type\":\"b\"} ], \"name\":\"n\"}")
+        );
+        assert_eq!(
+            uninstalled_text(path, r#"{"plugins": [{"type": "a"}]}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            uninstalled_text(path, r#"{"type": "bridge"}"#).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_list_it_cannot_read_one_way_is_refused() {
+        let path = Path::new("10-x.conflist");
+        let twice = r#"{"plugins": [{"type": "a"}], "plugins": [{"type": "b"}]}"#;
+        let e = installed_text(path, twice, shunt_entry(&Map::new())).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = installed_text(path, r#"{"plugins": "a"}"#, Map::new()).unwrap_err();
+        assert!(e.to_string().contains("not a list"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::capture;
 use crate::config::{BackendChoice, RawOptions};
 
 pub mod install;
+mod splice;
 
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const ANNOTATIONS_KEY: &str = "io.kubernetes.cri.pod-annotations";
