@@ -507,14 +507,30 @@ fn install_turns_a_lone_conf_into_a_conflist() {
 }
 
 /// The plugin alone, as a runtime calls it: `CNI_COMMAND`, a config on stdin, and `env` on
-/// top of this process's environment.
+/// top of this process's environment less any `CNI_*` variable of its own.
 fn plugin(cmd: &str, conf: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = common::shunt_command();
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CNI_") {
+            command.env_remove(k);
+        }
+    }
     common::output_with_stdin(
-        common::shunt_command()
-            .env("CNI_COMMAND", cmd)
-            .envs(env.iter().copied()),
+        command.env("CNI_COMMAND", cmd).envs(env.iter().copied()),
         conf.as_bytes(),
     )
+}
+
+/// The CNI error JSON a failed plugin printed, checked to come with exit status 1.
+fn cni_error(out: &std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a CNI error ({e}): {stdout}"))
 }
 
 #[test]
@@ -891,4 +907,101 @@ fn install_changes_only_shunts_entry_and_uninstall_gives_the_file_back() {
     cni_cmd("uninstall", &d, &[]);
     assert_eq!(read(), HAND_WRITTEN);
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// shunt's entry as the runtime hands it over for one ADD, CHECK or DEL.
+fn plugin_conf(prev: Option<Value>) -> String {
+    let mut c = shunt_conf(json!({"cniVersion": "1.0.0", "name": "testnet"}));
+    if let Some(p) = prev {
+        c["prevResult"] = p;
+    }
+    c.to_string()
+}
+
+fn bridge_result() -> Value {
+    json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
+        "ips": [{"address": "10.200.50.2/24", "interface": 0}]})
+}
+
+#[test]
+fn commands_without_the_variables_the_spec_requires_fail_with_code_4() {
+    require_netns!();
+    let pod = Ns::new("cnienv");
+    let netns = pod.path();
+    let all = [
+        ("CNI_CONTAINERID", "c-1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let has_rules = || pod.iptables_save("nft", false).contains("SHUNT_OUTPUT");
+    let conf = plugin_conf(Some(bridge_result()));
+    // The spec's required parameters: all three for ADD and CHECK; DEL may lack CNI_NETNS.
+    for (cmd, required) in [
+        ("ADD", &all[..]),
+        ("CHECK", &all[..]),
+        ("DEL", &[all[0], all[2]][..]),
+    ] {
+        for (missing, _) in required {
+            for unset in [true, false] {
+                let mut env: Vec<_> = all.iter().filter(|(k, _)| k != missing).copied().collect();
+                if !unset {
+                    env.push((missing, ""));
+                }
+                let v = cni_error(&plugin(cmd, &conf, &env));
+                assert_eq!(v["code"], 4, "{cmd} without {missing}: {v}");
+                assert!(
+                    v["msg"].as_str().unwrap().contains(missing),
+                    "{cmd}: the message names {missing}: {v}"
+                );
+                assert_eq!(v["cniVersion"], "1.0.0");
+                assert!(!has_rules(), "{cmd} without {missing} applied rules");
+            }
+        }
+    }
+    // With all of them, ADD applies and passes the result on; DEL needs no CNI_NETNS.
+    let out = plugin("ADD", &conf, &all);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        bridge_result()
+    );
+    assert!(has_rules());
+    let out = plugin("DEL", &conf, &[all[0], all[2]]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_prev_result_that_is_not_an_object_is_refused_with_code_6() {
+    require_netns!();
+    let pod = Ns::new("cniprev");
+    let netns = pod.path();
+    let env = [
+        ("CNI_CONTAINERID", "c-1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    for prev in [json!("x"), json!([bridge_result()]), json!(1), json!(false)] {
+        for cmd in ["ADD", "CHECK"] {
+            let v = cni_error(&plugin(cmd, &plugin_conf(Some(prev.clone())), &env));
+            assert_eq!(v["code"], 6, "{cmd} with prevResult {prev}: {v}");
+            assert!(v["msg"].as_str().unwrap().contains("prevResult"), "{v}");
+            assert!(
+                !pod.iptables_save("nft", false).contains("SHUNT_OUTPUT"),
+                "{cmd} with prevResult {prev} applied rules"
+            );
+        }
+    }
+    // null is no result at all: a chained plugin's "no prevResult" (7), as when it is absent.
+    let v = cni_error(&plugin("ADD", &plugin_conf(Some(Value::Null)), &env));
+    assert_eq!(v["code"], 7, "{v}");
 }

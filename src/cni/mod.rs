@@ -152,14 +152,62 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|s| !s.is_empty())
 }
 
-fn require_env(name: &str) -> Result<String, CniError> {
+/// The variables the CNI spec requires for each command (its "Parameters" for each
+/// operation); DEL may come without `CNI_NETNS`, whose namespace may be gone already.
+fn required_env(command: &str) -> &'static [&'static str] {
+    match command {
+        "ADD" | "CHECK" => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
+        "DEL" => &["CNI_CONTAINERID", "CNI_IFNAME"],
+        _ => &[],
+    }
+}
+
+fn require_env(name: &str, command: &str) -> Result<String, CniError> {
     env(name).ok_or_else(|| {
         cni_err(
             code::INVALID_ENV,
-            format!("{name} is not set"),
-            "the container runtime sets it for every ADD, CHECK and DEL",
+            format!("{name} is not set (or empty)"),
+            format!(
+                "the CNI spec requires it for {command}; container runtimes set it (set it too \
+                 when running the plugin by hand); nothing was changed"
+            ),
         )
     })
+}
+
+/// The previous plugin's result, when there is one: it must be a CNI result, an object.
+fn prev_result(conf: &NetConf) -> Result<Option<&Map<String, Value>>, CniError> {
+    match &conf.prev_result {
+        None => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(cni_err(
+            code::DECODE,
+            format!(
+                "prevResult must be a CNI result object, not {}",
+                describe(other)
+            ),
+            "the runtime passes the previous plugin's result (an object with cniVersion, \
+             interfaces, ips) as prevResult; nothing was changed",
+        )),
+    }
+}
+
+/// What kind of JSON value `v` is, with the value itself when it is short.
+fn describe(v: &Value) -> String {
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    };
+    let text = v.to_string();
+    if text.len() <= 40 {
+        format!("{kind} ({text})")
+    } else {
+        kind.to_string()
+    }
 }
 
 fn check_version(v: &str) -> Result<(), CniError> {
@@ -223,9 +271,12 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     }
     let conf = NetConf::parse(stdin)?;
     check_version(&conf.cni_version)?;
+    for name in required_env(command) {
+        require_env(name, command)?;
+    }
     match command {
         "ADD" => {
-            let prev = conf.prev_result.clone().ok_or_else(|| {
+            let mut result = prev_result(&conf)?.cloned().ok_or_else(|| {
                 cni_err(
                     code::INVALID_CONFIG,
                     "shunt is a chained plugin and got no prevResult",
@@ -235,7 +286,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             if let Some(why) = skip_reason(&conf) {
                 tracing::info!("ADD: skipping pod ({why})");
             } else {
-                let netns = require_env("CNI_NETNS")?;
+                let netns = require_env("CNI_NETNS", command)?;
                 let cfg = pod_config(&conf, &netns)?;
                 let report = capture::apply(&cfg, false).map_err(|e| {
                     let c = if e.exit_code() == crate::exit::USAGE {
@@ -254,11 +305,8 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 }
             }
             // The previous result passes through unchanged, in the version asked for.
-            let mut result = prev;
-            if let Some(obj) = result.as_object_mut() {
-                obj.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
-            }
-            Ok(Some(result))
+            result.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
+            Ok(Some(Value::Object(result)))
         }
         "DEL" => {
             // DEL must succeed when the namespace, or the rules, are already gone.
@@ -285,7 +333,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             }
         }
         "CHECK" => {
-            if conf.prev_result.is_none() {
+            if prev_result(&conf)?.is_none() {
                 return Err(cni_err(
                     code::INVALID_CONFIG,
                     "CHECK got no prevResult",
@@ -296,7 +344,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 tracing::info!("CHECK: pod is skipped ({why})");
                 return Ok(None);
             }
-            let netns = require_env("CNI_NETNS")?;
+            let netns = require_env("CNI_NETNS", command)?;
             let cfg = pod_config(&conf, &netns)?;
             let report = capture::check(&cfg).map_err(|e| cni_err(code::IO, e.to_string(), ""))?;
             if report.in_sync() {
@@ -450,6 +498,33 @@ mod tests {
             code::INCOMPATIBLE_VERSION
         );
         assert_eq!(NetConf::parse(b"{").unwrap_err().code, code::DECODE);
+    }
+
+    #[test]
+    fn a_prev_result_must_be_an_object() {
+        let conf = |prev: &str| {
+            NetConf::parse(
+                format!(
+                    r#"{{"cniVersion":"1.0.0","name":"n","type":"shunt","prevResult":{prev}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let e = prev_result(&conf(r#""x""#)).unwrap_err();
+        assert_eq!(e.code, code::DECODE);
+        assert_eq!(
+            e.msg,
+            r#"prevResult must be a CNI result object, not a string ("x")"#
+        );
+        let long = format!("[{}]", ["1"; 40].join(","));
+        assert!(prev_result(&conf(&long))
+            .unwrap_err()
+            .msg
+            .ends_with("not a list"));
+        assert!(prev_result(&conf(r#"{"ips":[]}"#)).unwrap().is_some());
+        assert!(prev_result(&conf("null")).unwrap().is_none());
+        assert_eq!(required_env("DEL"), ["CNI_CONTAINERID", "CNI_IFNAME"]);
     }
 
     #[test]
