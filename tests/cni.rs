@@ -489,8 +489,8 @@ fn install_turns_a_lone_conf_into_a_conflist() {
             .unwrap();
     assert_eq!(v["cniVersion"], "0.4.0");
     assert_eq!(v["name"], "bridge-net");
-    assert_eq!(v["plugins"][0]["type"], "bridge");
-    assert_eq!(v["plugins"][0]["ipam"], conf["ipam"]);
+    // The config itself, every key kept, is the list's first plugin.
+    assert_eq!(v["plugins"][0], conf);
     assert_eq!(shunt_entries(&v), 1);
     // Bad options are refused before anything is written.
     let out = common::shunt_command()
@@ -506,17 +506,36 @@ fn install_turns_a_lone_conf_into_a_conflist() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The plugin alone, as a runtime calls it: `CNI_COMMAND`, a config on stdin, and `env` on
+/// top of this process's environment less any `CNI_*` variable of its own.
+fn plugin(cmd: &str, conf: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = common::shunt_command();
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CNI_") {
+            command.env_remove(k);
+        }
+    }
+    common::output_with_stdin(
+        command.env("CNI_COMMAND", cmd).envs(env.iter().copied()),
+        conf.as_bytes(),
+    )
+}
+
+/// The CNI error JSON a failed plugin printed, checked to come with exit status 1.
+fn cni_error(out: &std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a CNI error ({e}): {stdout}"))
+}
+
 #[test]
 fn status_and_gc_for_cni_1_1() {
-    // The plugin alone, as a runtime calls it: CNI_COMMAND, a config on stdin, a PATH.
-    let run = |cmd: &str, conf: &str, path: &str| {
-        common::output_with_stdin(
-            common::shunt_command()
-                .env("CNI_COMMAND", cmd)
-                .env("PATH", path),
-            conf.as_bytes(),
-        )
-    };
+    let run = |cmd: &str, conf: &str, path: &str| plugin(cmd, conf, &[("PATH", path)]);
     let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "shunt"}).to_string();
     let path = std::env::var("PATH").unwrap_or_default();
     let ok = run("STATUS", &conf, &path);
@@ -536,4 +555,453 @@ fn status_and_gc_for_cni_1_1() {
     let out = run("ADD", old, &path);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["code"], 1, "{v}");
+}
+
+/// A file that must survive: its content and mode are checked with [`assert_untouched`].
+fn victim(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, format!("secret {name}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn assert_untouched(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let name = p.file_name().unwrap().to_string_lossy();
+    let meta = std::fs::symlink_metadata(p).unwrap();
+    assert!(
+        meta.is_file(),
+        "{} is no longer a regular file",
+        p.display()
+    );
+    let data = std::fs::read(p).unwrap();
+    assert!(
+        data == format!("secret {name}\n").as_bytes(),
+        "{} was written through a symlink: {} bytes now",
+        p.display(),
+        data.len()
+    );
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "{}: mode changed through a symlink",
+        p.display()
+    );
+}
+
+/// Plants a symlink at `at` pointing to a fresh victim file named `name`.
+fn plant(at: &Path, victims: &Path, name: &str) -> PathBuf {
+    let v = victim(victims, name);
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(&v, at).unwrap();
+    v
+}
+
+#[test]
+fn install_and_uninstall_never_write_through_symlinks() {
+    // In-process, so the temporary names an older shunt derived from its pid are predictable
+    // here: a symlink is planted at each of them, and at every path install and uninstall
+    // write or remove.
+    let d = tmpdir("links");
+    let (net, bin, victims) = (d.join("net.d"), d.join("bin"), d.join("victims"));
+    let pid = std::process::id();
+    let list = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "calico"}]});
+    // The primary conflist itself is a symlink to a file kept elsewhere.
+    let elsewhere = victims.join("real.conflist");
+    std::fs::create_dir_all(&victims).unwrap();
+    std::fs::write(&elsewhere, list.to_string()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, net.join("10-calico.conflist")).unwrap();
+    let mut planted = vec![
+        plant(&bin.join("shunt"), &victims, "bin"),
+        plant(
+            &bin.join(format!(".shunt.shunt-tmp-{pid}")),
+            &victims,
+            "bin-tmp",
+        ),
+        plant(
+            &net.join(format!(".10-calico.conflist.shunt-tmp-{pid}")),
+            &victims,
+            "conf-tmp",
+        ),
+    ];
+    let done =
+        shunt::cni::install::install(&net, Some(&bin), &serde_json::Map::new()).expect("install");
+    assert!(done.changed);
+    for v in &planted {
+        assert_untouched(v);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&elsewhere).unwrap(),
+        list.to_string(),
+        "the symlinked conflist's target was written"
+    );
+    let installed = net.join("10-calico.conflist");
+    assert!(std::fs::symlink_metadata(&installed).unwrap().is_file());
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&installed).unwrap()).unwrap();
+    assert_eq!(shunt_entries(&v), 1, "{v}");
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    assert!(std::fs::read(bin.join("shunt")).unwrap() == exe);
+
+    planted.push(plant(&bin.join("shunt"), &victims, "bin-again"));
+    planted.push(plant(
+        &net.join(format!(".10-calico.conflist.shunt-tmp-{pid}")),
+        &victims,
+        "conf-tmp-again",
+    ));
+    assert!(shunt::cni::install::uninstall(&net, Some(&bin)).expect("uninstall"));
+    for v in &planted {
+        assert_untouched(v);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&installed).unwrap()).unwrap();
+    assert_eq!(v, list);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn plugin_log_file_is_private_and_never_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmpdir("log");
+    let victims = d.join("victims");
+    // Any command that logs: an unsupported version is an error, logged before the reply.
+    let conf = |log: &Path| {
+        json!({"cniVersion": "0.2.0", "name": "n", "type": "shunt", "log_file": log}).to_string()
+    };
+    let log = d.join("plugin.log");
+    let out = plugin("ADD", &conf(&log), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not supported"), "{text}");
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "a new log file is readable by others: {mode:o}"
+    );
+    let link = d.join("planted.log");
+    let v = plant(&link, &victims, "log");
+    let out = plugin("ADD", &conf(&link), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_untouched(&v);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("planted.log") && stderr.contains("not supported"),
+        "the refused log file is named and the log goes to stderr: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `shunt cni install|uninstall` on `d`, returning the exit code and stderr.
+fn cni_try(verb: &str, d: &Path) -> (Option<i32>, String) {
+    let out = common::shunt_command()
+        .args(["cni", verb, "--conf-dir"])
+        .arg(d.join("net.d"))
+        .arg("--bin-dir")
+        .arg(d.join("bin"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every file under `dir` (one level) with its size and a digest of its content, to compare
+/// before and after (a binary's bytes would make an unreadable assertion message).
+fn snapshot(dir: &Path) -> Vec<(String, usize, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            data.hash(&mut h);
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, data.len(), h.finish())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn install_keeps_the_conflists_mode_and_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: chown needs root");
+        return;
+    }
+    let meta = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.permissions().mode() & 0o7777, m.uid(), m.gid())
+    };
+    let set = |p: &Path, mode: u32, uid: u32, gid: u32| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let d = tmpdir("owner");
+    let path = d.join("net.d/10-calico.conflist");
+    let list = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "calico"}]});
+    std::fs::write(&path, list.to_string()).unwrap();
+    set(&path, 0o640, 1234, 5678);
+    cni_cmd("install", &d, &[]);
+    assert_eq!(meta(&path), (0o640, 1234, 5678), "install");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(meta(&path), (0o640, 1234, 5678), "uninstall");
+    let _ = std::fs::remove_dir_all(&d);
+    // A lone .conf: the .conflist made from it takes its mode and owner.
+    let d = tmpdir("owner-conf");
+    let conf = d.join("net.d/10-bridge.conf");
+    std::fs::write(
+        &conf,
+        json!({"cniVersion": "0.4.0", "name": "b", "type": "bridge"}).to_string(),
+    )
+    .unwrap();
+    set(&conf, 0o600, 4321, 8765);
+    cni_cmd("install", &d, &[]);
+    assert_eq!(
+        meta(&d.join("net.d/10-bridge.conflist")),
+        (0o600, 4321, 8765)
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_bad_conflist_changes_nothing() {
+    for (i, bad) in [
+        "{",
+        "[]",
+        r#"{"cniVersion": "1.0.0", "name": "n", "plugins": {"type": "calico"}}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = tmpdir(&format!("bad{i}"));
+        std::fs::write(d.join("net.d/10-calico.conflist"), bad).unwrap();
+        let (net, bin) = (snapshot(&d.join("net.d")), snapshot(&d.join("bin")));
+        let (code, stderr) = cni_try("install", &d);
+        assert_eq!(code, Some(1), "{bad}: {stderr}");
+        assert!(stderr.contains("10-calico.conflist"), "{bad}: {stderr}");
+        assert_eq!(
+            snapshot(&d.join("net.d")),
+            net,
+            "{bad}: the conf dir changed"
+        );
+        assert_eq!(
+            snapshot(&d.join("bin")),
+            bin,
+            "{bad}: the binary was installed for a conflist that cannot take it"
+        );
+        // An older binary already there stays as it was, too.
+        std::fs::write(d.join("bin/shunt"), "old").unwrap();
+        let (code, _) = cni_try("install", &d);
+        assert_eq!(code, Some(1));
+        assert_eq!(std::fs::read_to_string(d.join("bin/shunt")).unwrap(), "old");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[test]
+fn converting_a_conf_never_replaces_another_networks_conflist() {
+    let d = tmpdir("clash");
+    let conf = d.join("net.d/10-bridge.conf");
+    let other = d.join("net.d/10-bridge.conflist");
+    std::fs::write(
+        &conf,
+        json!({"cniVersion": "0.4.0", "name": "bridge-net", "type": "bridge"}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        &other,
+        json!({"cniVersion": "1.0.0", "name": "other-net", "plugins": [{"type": "ptp"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let refused = |why: &str| {
+        let (net, bin) = (snapshot(&d.join("net.d")), snapshot(&d.join("bin")));
+        let (code, stderr) = cni_try("install", &d);
+        assert_eq!(code, Some(1), "{why}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{} ", conf.display()))
+                && stderr.contains(&other.display().to_string()),
+            "{why}: the error names both files: {stderr}"
+        );
+        assert_eq!(snapshot(&d.join("net.d")), net, "{why}: a config changed");
+        assert_eq!(snapshot(&d.join("bin")), bin, "{why}: the binary changed");
+    };
+    refused("another network's conflist");
+    // A symlink at that name is refused the same way, and what it points to is kept.
+    std::fs::remove_file(&other).unwrap();
+    let v = plant(&other, &d.join("victims"), "conflist");
+    refused("a symlink");
+    assert_untouched(&v);
+    std::fs::remove_file(&other).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), &other).unwrap();
+    refused("a dangling symlink");
+    assert!(!d.join("nowhere").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A conflist as people write them: keys in no order, odd spacing, a tab, escaped quotes and
+/// brackets inside strings, nested arrays, an exponent, non-ASCII, trailing whitespace.
+const HAND_WRITTEN: &str = r#"{ "name" :"k8s-pod-network",   "cniVersion":"1.0.0",
+	"plugins" : [
+    {   "type":"calico", "log_level" : "info",
+        "ipam":{"type":"calico-ipam","assign_ipv4" : "true"}, "nested": [[1, 2],[3, [4, {"plugins": []}]]],
+        "note": "a \"quoted\" ] } [ , value\\", "é": "ünïcode"
+    }  ,
+    {"type":"portmap","snat":true,"capabilities":{"portMappings":true}}
+  ],
+  "zz": 1.50e3 }  
+"#;
+
+/// The one chunk `new` has that `old` has not; panics unless `new` is `old` with one insertion.
+fn inserted(old: &str, new: &str) -> String {
+    let (a, b) = (old.as_bytes(), new.as_bytes());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    assert_eq!(
+        prefix + suffix,
+        a.len(),
+        "bytes outside shunt's entry changed:\n--- before\n{old}\n--- after\n{new}"
+    );
+    String::from_utf8_lossy(&b[prefix..b.len() - suffix]).into_owned()
+}
+
+#[test]
+fn install_changes_only_shunts_entry_and_uninstall_gives_the_file_back() {
+    let d = tmpdir("bytes");
+    let path = d.join("net.d/10-calico.conflist");
+    std::fs::write(&path, HAND_WRITTEN).unwrap();
+    let original: Value = serde_json::from_str(HAND_WRITTEN).unwrap();
+    let read = || std::fs::read_to_string(&path).unwrap();
+    let install = |cidr: &str| {
+        let opts = json!({"exclude_outbound_cidrs": cidr}).to_string();
+        cni_cmd("install", &d, &["--options", &opts]);
+    };
+    install("169.254.169.254/32");
+    let once = read();
+    let chunk = inserted(HAND_WRITTEN, &once);
+    assert!(chunk.contains(r#""shunt""#), "{chunk}");
+    let v: Value = serde_json::from_str(&once).unwrap();
+    let plugins = v["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(plugins[..2], original["plugins"].as_array().unwrap()[..]);
+    assert_eq!(plugins[2]["exclude_outbound_cidrs"], "169.254.169.254/32");
+    install("169.254.169.254/32");
+    assert_eq!(read(), once, "a second install changed the file");
+    // New options: shunt's entry changes, nothing else does.
+    install("10.0.0.0/8");
+    let chunk = inserted(HAND_WRITTEN, &read());
+    assert!(chunk.contains("10.0.0.0/8"), "{chunk}");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(read(), HAND_WRITTEN, "uninstall did not give the file back");
+    cni_cmd("uninstall", &d, &[]);
+    assert_eq!(read(), HAND_WRITTEN);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// shunt's entry as the runtime hands it over for one ADD, CHECK or DEL.
+fn plugin_conf(prev: Option<Value>) -> String {
+    let mut c = shunt_conf(json!({"cniVersion": "1.0.0", "name": "testnet"}));
+    if let Some(p) = prev {
+        c["prevResult"] = p;
+    }
+    c.to_string()
+}
+
+fn bridge_result() -> Value {
+    json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
+        "ips": [{"address": "10.200.50.2/24", "interface": 0}]})
+}
+
+#[test]
+fn commands_without_the_variables_the_spec_requires_fail_with_code_4() {
+    require_netns!();
+    let pod = Ns::new("cnienv");
+    let netns = pod.path();
+    let all = [
+        ("CNI_CONTAINERID", "c-1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let has_rules = || pod.iptables_save("nft", false).contains("SHUNT_OUTPUT");
+    let conf = plugin_conf(Some(bridge_result()));
+    // The spec's required parameters: all three for ADD and CHECK; DEL may lack CNI_NETNS.
+    for (cmd, required) in [
+        ("ADD", &all[..]),
+        ("CHECK", &all[..]),
+        ("DEL", &[all[0], all[2]][..]),
+    ] {
+        for (missing, _) in required {
+            for unset in [true, false] {
+                let mut env: Vec<_> = all.iter().filter(|(k, _)| k != missing).copied().collect();
+                if !unset {
+                    env.push((missing, ""));
+                }
+                let v = cni_error(&plugin(cmd, &conf, &env));
+                assert_eq!(v["code"], 4, "{cmd} without {missing}: {v}");
+                assert!(
+                    v["msg"].as_str().unwrap().contains(missing),
+                    "{cmd}: the message names {missing}: {v}"
+                );
+                assert_eq!(v["cniVersion"], "1.0.0");
+                assert!(!has_rules(), "{cmd} without {missing} applied rules");
+            }
+        }
+    }
+    // With all of them, ADD applies and passes the result on; DEL needs no CNI_NETNS.
+    let out = plugin("ADD", &conf, &all);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        bridge_result()
+    );
+    assert!(has_rules());
+    let out = plugin("DEL", &conf, &[all[0], all[2]]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_prev_result_that_is_not_an_object_is_refused_with_code_6() {
+    require_netns!();
+    let pod = Ns::new("cniprev");
+    let netns = pod.path();
+    let env = [
+        ("CNI_CONTAINERID", "c-1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    for prev in [json!("x"), json!([bridge_result()]), json!(1), json!(false)] {
+        for cmd in ["ADD", "CHECK"] {
+            let v = cni_error(&plugin(cmd, &plugin_conf(Some(prev.clone())), &env));
+            assert_eq!(v["code"], 6, "{cmd} with prevResult {prev}: {v}");
+            assert!(v["msg"].as_str().unwrap().contains("prevResult"), "{v}");
+            assert!(
+                !pod.iptables_save("nft", false).contains("SHUNT_OUTPUT"),
+                "{cmd} with prevResult {prev} applied rules"
+            );
+        }
+    }
+    // null is no result at all: a chained plugin's "no prevResult" (7), as when it is absent.
+    let v = cni_error(&plugin("ADD", &plugin_conf(Some(Value::Null)), &env));
+    assert_eq!(v["code"], 7, "{v}");
 }

@@ -13,6 +13,7 @@ use crate::capture;
 use crate::config::{BackendChoice, RawOptions};
 
 pub mod install;
+mod splice;
 
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const ANNOTATIONS_KEY: &str = "io.kubernetes.cri.pod-annotations";
@@ -151,14 +152,62 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|s| !s.is_empty())
 }
 
-fn require_env(name: &str) -> Result<String, CniError> {
+/// The variables the CNI spec requires for each command (its "Parameters" for each
+/// operation); DEL may come without `CNI_NETNS`, whose namespace may be gone already.
+fn required_env(command: &str) -> &'static [&'static str] {
+    match command {
+        "ADD" | "CHECK" => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
+        "DEL" => &["CNI_CONTAINERID", "CNI_IFNAME"],
+        _ => &[],
+    }
+}
+
+fn require_env(name: &str, command: &str) -> Result<String, CniError> {
     env(name).ok_or_else(|| {
         cni_err(
             code::INVALID_ENV,
-            format!("{name} is not set"),
-            "the container runtime sets it for every ADD, CHECK and DEL",
+            format!("{name} is not set (or empty)"),
+            format!(
+                "the CNI spec requires it for {command}; container runtimes set it (set it too \
+                 when running the plugin by hand); nothing was changed"
+            ),
         )
     })
+}
+
+/// The previous plugin's result, when there is one: it must be a CNI result, an object.
+fn prev_result(conf: &NetConf) -> Result<Option<&Map<String, Value>>, CniError> {
+    match &conf.prev_result {
+        None => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(cni_err(
+            code::DECODE,
+            format!(
+                "prevResult must be a CNI result object, not {}",
+                describe(other)
+            ),
+            "the runtime passes the previous plugin's result (an object with cniVersion, \
+             interfaces, ips) as prevResult; nothing was changed",
+        )),
+    }
+}
+
+/// What kind of JSON value `v` is, with the value itself when it is short.
+fn describe(v: &Value) -> String {
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    };
+    let text = v.to_string();
+    if text.len() <= 40 {
+        format!("{kind} ({text})")
+    } else {
+        kind.to_string()
+    }
 }
 
 fn check_version(v: &str) -> Result<(), CniError> {
@@ -222,9 +271,12 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     }
     let conf = NetConf::parse(stdin)?;
     check_version(&conf.cni_version)?;
+    for name in required_env(command) {
+        require_env(name, command)?;
+    }
     match command {
         "ADD" => {
-            let prev = conf.prev_result.clone().ok_or_else(|| {
+            let mut result = prev_result(&conf)?.cloned().ok_or_else(|| {
                 cni_err(
                     code::INVALID_CONFIG,
                     "shunt is a chained plugin and got no prevResult",
@@ -234,7 +286,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             if let Some(why) = skip_reason(&conf) {
                 tracing::info!("ADD: skipping pod ({why})");
             } else {
-                let netns = require_env("CNI_NETNS")?;
+                let netns = require_env("CNI_NETNS", command)?;
                 let cfg = pod_config(&conf, &netns)?;
                 let report = capture::apply(&cfg, false).map_err(|e| {
                     let c = if e.exit_code() == crate::exit::USAGE {
@@ -253,11 +305,8 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 }
             }
             // The previous result passes through unchanged, in the version asked for.
-            let mut result = prev;
-            if let Some(obj) = result.as_object_mut() {
-                obj.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
-            }
-            Ok(Some(result))
+            result.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
+            Ok(Some(Value::Object(result)))
         }
         "DEL" => {
             // DEL must succeed when the namespace, or the rules, are already gone.
@@ -284,7 +333,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             }
         }
         "CHECK" => {
-            if conf.prev_result.is_none() {
+            if prev_result(&conf)?.is_none() {
                 return Err(cni_err(
                     code::INVALID_CONFIG,
                     "CHECK got no prevResult",
@@ -295,7 +344,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 tracing::info!("CHECK: pod is skipped ({why})");
                 return Ok(None);
             }
-            let netns = require_env("CNI_NETNS")?;
+            let netns = require_env("CNI_NETNS", command)?;
             let cfg = pod_config(&conf, &netns)?;
             let report = capture::check(&cfg).map_err(|e| cni_err(code::IO, e.to_string(), ""))?;
             if report.in_sync() {
@@ -345,13 +394,15 @@ fn init_logging(stdin: &[u8]) {
         .to_string();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let file = conf.get("log_file").and_then(Value::as_str).and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    let path = conf
+        .get("log_file")
+        .and_then(Value::as_str)
+        .map(PathBuf::from);
+    let (file, refused) = match path.as_deref().map(open_log) {
+        Some(Ok(f)) => (Some(f), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
@@ -360,6 +411,28 @@ fn init_logging(stdin: &[u8]) {
         Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
+    if let (Some(p), Some(e)) = (path, refused) {
+        tracing::warn!(
+            "log_file {}: {e}; logging to stderr instead (log_file must be a regular file or a \
+             new name in an existing directory, not a symlink)",
+            p.display()
+        );
+    }
+}
+
+/// The plugin runs as root in the node's namespace: its log file is opened for appending only,
+/// created private (0600), and never through a symlink, which someone able to write the log
+/// directory could point at any file on the node. O_NONBLOCK: a FIFO planted there fails the
+/// open (no reader) instead of hanging every pod's network setup; regular files ignore it.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
 }
 
 /// Plugin mode: read the config from stdin, run `CNI_COMMAND`, print the result or the error
@@ -425,6 +498,33 @@ mod tests {
             code::INCOMPATIBLE_VERSION
         );
         assert_eq!(NetConf::parse(b"{").unwrap_err().code, code::DECODE);
+    }
+
+    #[test]
+    fn a_prev_result_must_be_an_object() {
+        let conf = |prev: &str| {
+            NetConf::parse(
+                format!(
+                    r#"{{"cniVersion":"1.0.0","name":"n","type":"shunt","prevResult":{prev}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let e = prev_result(&conf(r#""x""#)).unwrap_err();
+        assert_eq!(e.code, code::DECODE);
+        assert_eq!(
+            e.msg,
+            r#"prevResult must be a CNI result object, not a string ("x")"#
+        );
+        let long = format!("[{}]", ["1"; 40].join(","));
+        assert!(prev_result(&conf(&long))
+            .unwrap_err()
+            .msg
+            .ends_with("not a list"));
+        assert!(prev_result(&conf(r#"{"ips":[]}"#)).unwrap().is_some());
+        assert!(prev_result(&conf("null")).unwrap().is_none());
+        assert_eq!(required_env("DEL"), ["CNI_CONTAINERID", "CNI_IFNAME"]);
     }
 
     #[test]
