@@ -10,7 +10,10 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{accept_within, hp, Topology, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
-use proxy_support::{echo, echo_server, set_reset_on_close, HttpServer, Pattern, Proxy, APP};
+use proxy_support::{
+    echo, echo_server, listening_sockets, set_reset_on_close, HttpServer, Listening, Pattern,
+    Proxy, APP,
+};
 
 const MIB: u64 = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -747,6 +750,114 @@ fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
     assert_eq!(tcp_from.ip().to_string(), POD_V4);
     assert_eq!(proxy.stat("server.dns_udp_answers"), 1);
     assert_eq!(proxy.stat("dns.downstream_cx_total"), 1);
+}
+
+/// The DNS forwarder listens only where the capture rules send DNS: loopback, since they
+/// redirect it in nat OUTPUT, where REDIRECT rewrites the destination to 127.0.0.1 / ::1. A
+/// remote host dialling the pod's own address on the DNS port is refused, and nothing reaches
+/// the upstream, whatever rules the pod has (here: none).
+#[test]
+fn dns_over_tcp_from_a_remote_host_is_refused() {
+    require_netns!();
+    let t = Topology::new();
+    let upstream = t.remote.listen("10.200.0.1:53");
+    let _proxy = Proxy::start_in(&t.pod, &["--dns-upstream", REMOTE_V4]);
+    for pod in [POD_V4, POD_V6] {
+        match t.remote.connect_as(0, 0, &hp(pod, 15053)) {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{pod}: {e}"),
+            Ok(mut s) => {
+                let _ = s.write_all(b"\x00\x0cquery-from-x");
+                let relayed = accept_within(&upstream, Duration::from_secs(2)).is_some();
+                panic!(
+                    "{pod}:15053 accepted a remote's DNS connection (relayed upstream: {relayed})"
+                );
+            }
+        }
+    }
+    assert!(
+        accept_within(&upstream, Duration::from_millis(300)).is_none(),
+        "a remote's query reached the upstream"
+    );
+}
+
+/// With the DNS forwarder and the admin port on, only the outbound and inbound listeners face
+/// the network: the namespace's socket tables say so, and so does a remote dialling every
+/// listening port at both pod addresses. DNS over TCP from the app still reaches the
+/// forwarder through the rules, in both families.
+#[test]
+fn only_the_outbound_and_inbound_listeners_face_the_network() {
+    require_netns!();
+    let t = Topology::new();
+    let _upstream = echo_server(t.remote.listen("10.200.0.1:53"), Duration::from_secs(30));
+    // No rules yet: with inbound capture on, every port of the pod would answer the remote
+    // through the inbound listener.
+    let proxy = Proxy::start_in(&t.pod, &["--dns-upstream", REMOTE_V4]);
+    let all = listening_sockets(proxy.pid());
+    let mut exposed: Vec<(bool, String)> = all
+        .iter()
+        .filter(|l| !l.addr.ip().is_loopback())
+        .map(|l| (l.tcp, l.addr.to_string()))
+        .collect();
+    exposed.sort();
+    let want: Vec<(bool, String)> = ["0.0.0.0:15001", "0.0.0.0:15006", "[::]:15001", "[::]:15006"]
+        .iter()
+        .map(|a| (true, a.to_string()))
+        .collect();
+    assert_eq!(exposed, want, "sockets off loopback");
+    let has = |tcp: bool, addr: &str| {
+        all.contains(&Listening {
+            tcp,
+            addr: addr.parse().unwrap(),
+        })
+    };
+    // The scan sees the proxy's sockets, loopback ones included.
+    for (tcp, addr) in [
+        (true, "127.0.0.1:15000"),
+        (true, "127.0.0.1:15053"),
+        (true, "[::1]:15053"),
+        (false, "127.0.0.1:15053"),
+        (false, "[::1]:15053"),
+    ] {
+        assert!(has(tcp, addr), "no {addr} (tcp: {tcp}) in {all:?}");
+    }
+    let mut ports: Vec<u16> = all
+        .iter()
+        .filter(|l| l.tcp)
+        .map(|l| l.addr.port())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    for port in ports {
+        for pod in [POD_V4, POD_V6] {
+            let reached = t.remote.connect_as(0, 0, &hp(pod, port)).is_ok();
+            assert_eq!(
+                reached,
+                port == 15001 || port == 15006,
+                "{pod} port {port} from the remote"
+            );
+        }
+    }
+
+    let out = t.pod.shunt(&[
+        "apply",
+        "--redirect-dns",
+        "on",
+        "--capture-all-dns",
+        "on",
+        "--ipv6",
+        "on",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The stand-in upstream echoes, so an echo proves the forwarder relayed it.
+    for server in ["10.200.0.77:53", "[fd00:5::77]:53"] {
+        let c = app_connect(&t, server);
+        echo(&c, b"\x00\x05query").unwrap_or_else(|e| panic!("{server}: {e}"));
+    }
+    assert_eq!(proxy.stat("dns.downstream_cx_total"), 2);
 }
 
 #[test]

@@ -450,12 +450,12 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             addr,
             source,
         };
-        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.dns_port));
+        // Loopback only, like the UDP sockets: where the rules' REDIRECT sends DNS.
+        let [v4, v6] = dns::listen_addrs(args.dns_port);
         listeners.push((
             Direction::Dns,
             listener::bind(v4).map_err(|e| bind_err(v4, e))?,
         ));
-        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.dns_port));
         match listener::bind(v6) {
             Ok(l) => listeners.push((Direction::Dns, l)),
             Err(e) => tracing::warn!("no IPv6 DNS listener on {v6}: {e}"),
@@ -477,7 +477,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             .await
             .map_err(|source| ProxyError::Bind {
                 what: "dns",
-                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, args.dns_port)),
+                addr: dns::listen_addrs(args.dns_port)[0],
                 source,
             })?;
     }
