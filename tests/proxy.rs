@@ -470,6 +470,66 @@ fn drain_timeout_cuts_what_is_left_logs_it_in_json_and_exits_zero() {
     assert_eq!(cut["fields"]["rx_bytes"], 16);
 }
 
+/// Reads until the stream ends: `Ok(bytes)` for an end of stream (FIN), the error's kind
+/// otherwise (bounded by the socket's read timeout).
+fn read_to_the_end(mut s: &TcpStream) -> Result<u64, ErrorKind> {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
+/// A transfer still running when the drain timeout runs out is cut with a reset on both
+/// sides: an end of stream would pass for a complete transfer.
+#[test]
+fn drain_timeout_resets_both_sides_of_a_transfer_it_cuts() {
+    require_netns!();
+    let t = Topology::new();
+    let mut proxy = Proxy::start(&t, &["--drain-timeout", "1s"]);
+    let server = t.remote.listen("0.0.0.0:9800");
+    let srv = std::thread::spawn(move || {
+        let (s, _) = accept_within(&server, Duration::from_secs(10)).expect("no connection");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        // The download: 1 KiB every 20 ms for up to 20 s; the proxy cuts it after about 1 s.
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..1000 {
+                if w.write_all(&[7u8; 1024]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        // The upload never ends on its own: how it ends is the proxy's cut, seen from here.
+        let end = read_to_the_end(&s);
+        writer.join().unwrap();
+        end
+    });
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9800));
+    c.write_all(b"upload").unwrap();
+    let mut first = [0u8; 1024];
+    c.read_exact(&mut first).unwrap();
+    proxy.terminate();
+    let client_end = read_to_the_end(&c);
+    let upstream_end = srv.join().unwrap();
+    assert_eq!(
+        (client_end, upstream_end),
+        (
+            Err(ErrorKind::ConnectionReset),
+            Err(ErrorKind::ConnectionReset)
+        ),
+        "how the cut transfer ended: (client side, upstream side)"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("no exit");
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
+    assert!(proxy.log_text().contains("end=\"drain_timeout\""));
+}
+
 #[test]
 fn every_admin_endpoint_answers_and_prometheus_text_parses() {
     require_netns!();

@@ -6,7 +6,8 @@
 //! stats <- admin (127.0.0.1:15000)
 //! ```
 //! Listeners are bound first, then the process drops to `--user`; SIGTERM closes the listeners,
-//! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`.
+//! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`, then
+//! resets both sides of each one left.
 
 mod dns;
 mod forward;
@@ -406,7 +407,12 @@ pub fn run(args: ProxyArgs) -> Result<(), ProxyError> {
             .build()
     }
     .map_err(ProxyError::Runtime)?;
-    rt.block_on(serve(args, nofile, rules))
+    let served = rt.block_on(serve(args, nofile, rules));
+    // Dropping the runtime drops the tasks of the connections still open after the drain
+    // timeout; each resets both its sockets as it goes (`forward::Armed`), so their clients
+    // see a cut, not a complete transfer.
+    drop(rt);
+    served
 }
 
 async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result<(), ProxyError> {
@@ -583,7 +589,8 @@ impl Signals {
     }
 }
 
-/// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish.
+/// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish. The
+/// ones left are logged here and reset when `run` drops the runtime.
 async fn drain(shared: &Shared, stop: &watch::Sender<bool>, timeout: Duration) {
     shared.stats.draining.store(true, Ordering::Relaxed);
     let _ = stop.send(true);

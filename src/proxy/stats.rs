@@ -60,7 +60,7 @@ pub enum End {
     Overflow,
     /// Accepted while the proxy was draining: refused.
     Draining,
-    /// Still open when the drain timeout ran out.
+    /// Still open when the drain timeout ran out: both sides reset.
     DrainTimeout,
 }
 
