@@ -605,6 +605,96 @@ fn every_admin_endpoint_answers_and_prometheus_text_parses() {
     drop(held);
 }
 
+/// Whether the peer has closed `s` (non-blocking): an end of stream or a reset is waiting.
+fn closed_by_peer(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    }
+}
+
+/// Lets this test process hold `n` more descriptors, as far as its hard limit allows.
+fn room_for_descriptors(n: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    assert!(
+        hard >= n + 1024,
+        "the test needs {n} descriptors; the hard limit is {hard}"
+    );
+}
+
+/// Clients that open admin connections and never ask cannot grow the proxy: past
+/// --admin-max-connections (64) each new connection closes the oldest idle one at once, so
+/// 3,000 of them cost little memory and /stats still answers; the idle timeout closes the
+/// rest.
+#[test]
+fn idle_admin_connections_are_capped_and_timed_out() {
+    require_netns!();
+    const FLOOD: usize = 3000;
+    const CAP: usize = 64;
+    room_for_descriptors(FLOOD as u64);
+    let t = Topology::new();
+    let proxy = Proxy::start_in(&t.pod, &["--dns-port", "0", "--admin-idle-timeout", "5s"]);
+    let before = proxy.rss_kib();
+    let flood: Vec<TcpStream> = t
+        .pod
+        .handle
+        .run(|| {
+            (0..FLOOD)
+                .map(|_| TcpStream::connect("127.0.0.1:15000"))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .expect("connect to the admin port");
+    for s in &flood {
+        s.set_nonblocking(true).unwrap();
+    }
+    let still_open = || flood.iter().filter(|s| !closed_by_peer(s)).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut open = still_open();
+    while open > CAP && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        open = still_open();
+    }
+    // The peak includes the moment every connection of the flood had been accepted.
+    let peak = proxy.peak_rss_kib();
+    assert!(
+        peak < before + 16 * 1024,
+        "RSS {before} KiB, peak {peak} KiB with {FLOOD} idle admin connections"
+    );
+    assert!(open <= CAP, "{open} of {FLOOD} idle admin connections open");
+    // /stats still answers (its connection closes the oldest idle one), and the flood was
+    // closed to make room, not by the idle timeout.
+    let evicted = proxy.stat("server.admin_cx_evicted");
+    assert!(evicted >= (FLOOD - CAP) as u64, "{evicted} evicted");
+    assert!(proxy.stat("server.admin_cx_active") <= CAP as u64);
+    // The idle timeout closes the rest from the server's side.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open = still_open();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} idle admin connections outlived the idle timeout"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Only the request asking is open now.
+    assert_eq!(proxy.stat("server.admin_cx_active"), 1);
+    let after = proxy.rss_kib();
+    eprintln!(
+        "proxy RSS: {before} KiB before, peak {peak} KiB with {FLOOD} idle admin connections, \
+         {after} KiB once they were closed"
+    );
+}
+
 #[test]
 fn max_connections_refuses_the_extra_ones_and_recovers() {
     require_netns!();
@@ -959,6 +1049,9 @@ fn bad_flags_are_refused_naming_the_value() {
         err.contains("127.0.0.1:15053") && err.contains("loop"),
         "{err}"
     );
+    let (code, err) = run(&["--admin-max-connections", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--admin-max-connections 0"), "{err}");
     // The same flag from the environment.
     let out = refused_within(
         common::shunt_command()

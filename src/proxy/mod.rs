@@ -147,6 +147,12 @@ pub struct ProxyArgs {
         default_value = "127.0.0.1:15000"
     )]
     pub admin_addr: SocketAddr,
+    /// Admin connections open at once; past this a new one closes the oldest idle one
+    #[arg(long, env = "SHUNT_PROXY_ADMIN_MAX_CONNECTIONS", default_value_t = crate::admin::DEFAULT_MAX_CONNECTIONS)]
+    pub admin_max_connections: usize,
+    /// Close an admin connection that sends no complete request head for this long (ms, s or m)
+    #[arg(long, env = "SHUNT_PROXY_ADMIN_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub admin_idle_timeout: Duration,
     /// DNS forwarder port (UDP and TCP; what --redirect-dns captures to); 0 turns it off
     #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
@@ -247,6 +253,20 @@ impl ProxyArgs {
                  real DNS servers"
             )));
         }
+        if self.admin_max_connections == 0 {
+            return Err(ProxyError::Config(
+                "--admin-max-connections 0 would refuse every admin request; give 1 or more \
+                 (default 64)"
+                    .into(),
+            ));
+        }
+        if self.admin_idle_timeout.is_zero() {
+            return Err(ProxyError::Config(
+                "--admin-idle-timeout 0 would close every admin connection before its request; \
+                 give e.g. 10s"
+                    .into(),
+            ));
+        }
         if self.max_connections == Some(0) {
             return Err(ProxyError::Config(
                 "--max-connections 0 would refuse everything".into(),
@@ -261,6 +281,8 @@ impl ProxyArgs {
             "outbound_port": self.outbound_port,
             "inbound_port": self.inbound_port,
             "admin_addr": self.admin_addr.to_string(),
+            "admin_max_connections": self.admin_max_connections,
+            "admin_idle_timeout_ms": self.admin_idle_timeout.as_millis() as u64,
             "dns_port": self.dns_port,
             "dns_upstream": self.dns_upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mode": self.mode,
@@ -514,6 +536,10 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         stats: shared.stats.clone(),
         config: args.dump(max_connections),
         rules,
+        limits: crate::admin::Limits {
+            max_connections: args.admin_max_connections,
+            idle_timeout: args.admin_idle_timeout,
+        },
     });
     tokio::spawn(crate::admin::serve(admin, admin_state));
 
