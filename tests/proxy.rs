@@ -1061,6 +1061,40 @@ fn bad_flags_are_refused_naming_the_value() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `shunt proxy` and `shunt validate` read durations with one parser: the values one refuses,
+/// the other refuses too, naming the value, and a zero where zero means nothing (a connect
+/// timeout, validate's timeout) is refused by both. Run in a namespace of its own: a proxy
+/// that wrongly accepted would bind its ports there, not in the host's.
+#[test]
+fn proxy_and_validate_refuse_the_same_durations() {
+    require_netns!();
+    let ns = common::Ns::new("durations");
+    for bad in [
+        "0",
+        "0s",
+        "-1s",
+        "5x",
+        "NaN",
+        "",
+        "86401s",
+        "99999999999999999999999m",
+    ] {
+        let mut proxy = std::process::Command::new("ip");
+        common::scrub_env(&mut proxy).args(["netns", "exec", &ns.name, common::SHUNT, "proxy"]);
+        let out = refused_within(proxy.arg(format!("--connect-timeout={bad}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "proxy {bad:?}: {err}");
+        assert!(err.contains(&format!("'{bad}'")), "proxy {bad:?}: {err}");
+
+        let mut validate = common::shunt_command();
+        validate.args(["validate", "--netns", &ns.path()]);
+        let out = refused_within(validate.arg(format!("--timeout={bad}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "validate {bad:?}: {err}");
+        assert!(err.contains(&format!("'{bad}'")), "validate {bad:?}: {err}");
+    }
+}
+
 #[test]
 fn a_taken_port_stops_the_proxy_with_a_pointer_to_the_owner() {
     require_netns!();

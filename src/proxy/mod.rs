@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::duration;
 pub use relay::RelayMode;
 use stats::{Direction, End, Stats};
 
@@ -100,27 +101,6 @@ pub fn parse_user(s: &str) -> Result<User, String> {
     Ok(User { uid, gid })
 }
 
-/// `5s`, `500ms`, `2m`, or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("'{s}' is not a duration (a number with ms, s or m, e.g. 5s)");
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
@@ -150,8 +130,9 @@ pub struct ProxyArgs {
     /// Admin connections open at once; past this a new one closes the oldest idle one
     #[arg(long, env = "SHUNT_PROXY_ADMIN_MAX_CONNECTIONS", default_value_t = crate::admin::DEFAULT_MAX_CONNECTIONS)]
     pub admin_max_connections: usize,
-    /// Close an admin connection that sends no complete request head for this long (ms, s or m)
-    #[arg(long, env = "SHUNT_PROXY_ADMIN_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// Close an admin connection that sends no complete request head for this long (ms, s
+    /// or m; more than 0)
+    #[arg(long, env = "SHUNT_PROXY_ADMIN_IDLE_TIMEOUT", default_value = "10s", value_parser = duration::positive)]
     pub admin_idle_timeout: Duration,
     /// DNS forwarder port (UDP and TCP; what --redirect-dns captures to); 0 turns it off
     #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 15053)]
@@ -168,11 +149,13 @@ pub struct ProxyArgs {
     /// Bind, then drop to this user: UID[:GID] (default: keep running as started)
     #[arg(long, env = "SHUNT_PROXY_USER", value_parser = parse_user, value_name = "UID[:GID]")]
     pub user: Option<User>,
-    /// Give up connecting to the original destination after this long (ms, s or m)
-    #[arg(long, env = "SHUNT_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// Give up connecting to the original destination after this long (ms, s or m; more
+    /// than 0)
+    #[arg(long, env = "SHUNT_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::positive)]
     pub connect_timeout: Duration,
-    /// On SIGTERM, wait this long for open connections before exiting (ms, s or m)
-    #[arg(long, env = "SHUNT_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// On SIGTERM, wait this long for open connections, then reset what is left and exit (ms,
+    /// s or m; 0 resets them at once)
+    #[arg(long, env = "SHUNT_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub drain_timeout: Duration,
     /// Most connections open at once (both directions); more are reset. Default: what the
     /// descriptor limit allows (two per connection)
@@ -257,13 +240,6 @@ impl ProxyArgs {
             return Err(ProxyError::Config(
                 "--admin-max-connections 0 would refuse every admin request; give 1 or more \
                  (default 64)"
-                    .into(),
-            ));
-        }
-        if self.admin_idle_timeout.is_zero() {
-            return Err(ProxyError::Config(
-                "--admin-idle-timeout 0 would close every admin connection before its request; \
-                 give e.g. 10s"
                     .into(),
             ));
         }
@@ -654,7 +630,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_users_and_durations() {
+    fn parses_users_and_ports() {
         assert_eq!(
             parse_user("1337"),
             Ok(User {
@@ -665,13 +641,49 @@ mod tests {
         assert_eq!(parse_user("1337:42"), Ok(User { uid: 1337, gid: 42 }));
         assert!(parse_user("-1").unwrap_err().contains("'-1'"));
         assert!(parse_user("root").is_err());
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("5x").unwrap_err().contains("'5x'"));
-        assert!(parse_duration("").is_err());
         assert!(port("70000").unwrap_err().contains("70000"));
         assert!(port("0").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ProxyArgs, String> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))
+            .map(|c| c.proxy)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every duration flag reads `duration::parse`; which ones can be 0 is the flag's own
+    /// rule: a drain timeout of 0 resets at once, a connect or idle timeout of 0 is refused.
+    #[test]
+    fn duration_flags_share_one_parser_and_say_whether_zero_means_something() {
+        let args = parse(&["--drain-timeout", "0"]).unwrap();
+        assert_eq!(args.drain_timeout, Duration::ZERO);
+        let args = parse(&["--connect-timeout", "1.5s", "--admin-idle-timeout", "250ms"]).unwrap();
+        assert_eq!(args.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(args.admin_idle_timeout, Duration::from_millis(250));
+        for flag in ["--connect-timeout", "--admin-idle-timeout"] {
+            let err = parse(&[flag, "0ms"]).unwrap_err();
+            assert!(err.contains(flag) && err.contains("'0ms' is zero"), "{err}");
+        }
+        for flag in [
+            "--connect-timeout",
+            "--drain-timeout",
+            "--admin-idle-timeout",
+        ] {
+            for bad in ["-1s", "5x", "NaN", "", "86401s", "99999999999999999999999m"] {
+                // `=`: clap would take `-1s` after a space for a flag.
+                let err = parse(&[&format!("{flag}={bad}")]).unwrap_err();
+                assert!(
+                    err.contains(flag) && err.contains(&format!("'{bad}'")),
+                    "{err}"
+                );
+            }
+        }
     }
 }
