@@ -1,9 +1,19 @@
 //! The proxy's admin HTTP server (Envoy-style, on loopback): a thin router over the proxy's
 //! counters. Every endpoint is a read (GET or HEAD); anything else gets 405.
+//!
+//! Connections are bounded, so that clients which connect and never ask (or ask slowly)
+//! cannot grow the proxy's memory: at most `max_connections` are open, a new one past that
+//! closes the oldest one that is between requests (else the oldest), and a connection that
+//! sends no complete request head within `idle_timeout` is closed.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -12,10 +22,15 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::plan::Family;
 use crate::proxy::stats::{Direction, Stats};
+
+/// Admin connections open at once, unless `--admin-max-connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 
 pub struct AdminState {
     pub stats: Arc<Stats>,
@@ -23,6 +38,17 @@ pub struct AdminState {
     pub config: serde_json::Value,
     /// The capture rules found in the namespace when the proxy started.
     pub rules: serde_json::Value,
+    pub limits: Limits,
+}
+
+/// How many admin connections, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open at once; a new connection past this closes an older one.
+    pub max_connections: usize,
+    /// A connection closes when no complete request head has arrived this long after it
+    /// opened or after its last answer (hyper's header read timeout).
+    pub idle_timeout: Duration,
 }
 
 const HELP: &str = "shunt proxy admin (GET):
@@ -67,9 +93,191 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     )
 }
 
+/// One open admin connection.
+struct Slot {
+    /// Between requests: nothing of a request read since the last answer went out.
+    idle: AtomicBool,
+    /// Told to close, to make room for a newer connection.
+    close: Notify,
+}
+
+/// The open admin connections by age (accept order), each with its slot.
+struct Open {
+    max: usize,
+    inner: Mutex<OpenInner>,
+    /// Where the count and the evictions are published.
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct OpenInner {
+    next_id: u64,
+    conns: BTreeMap<u64, Arc<Slot>>,
+    /// The most open at once since memory was last handed back.
+    peak: usize,
+}
+
+/// After this many admin connections at once (a flood, not an operator and a scraper), the
+/// memory they held is handed back to the system once most of them have closed: glibc keeps
+/// freed memory for reuse, so RSS would otherwise stay at the flood's level.
+const TRIM_AFTER: usize = 16;
+
+impl Open {
+    fn new(max: usize, stats: Arc<Stats>) -> Open {
+        Open {
+            max: max.max(1),
+            inner: Mutex::new(OpenInner::default()),
+            stats,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenInner> {
+        // Every change under the lock is a single map operation, so a panic elsewhere cannot
+        // leave it half done: go on.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new connection. At the cap, the oldest idle connection is told to close
+    /// (the oldest of all when every one is mid-request), so a new client, the operator's
+    /// `curl` among them, always gets in and the count stays bounded.
+    fn admit(self: &Arc<Self>) -> Admitted {
+        let mut inner = self.lock();
+        while inner.conns.len() >= self.max {
+            let victim = inner
+                .conns
+                .iter()
+                .find(|(_, s)| s.idle.load(Relaxed))
+                .or_else(|| inner.conns.iter().next())
+                .map(|(id, _)| *id);
+            let Some(slot) = victim.and_then(|id| inner.conns.remove(&id)) else {
+                break;
+            };
+            // Stores a permit: the connection closes even if its task has not polled yet.
+            slot.close.notify_one();
+            self.stats.admin_cx_evicted.inc();
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let slot = Arc::new(Slot {
+            idle: AtomicBool::new(true),
+            close: Notify::new(),
+        });
+        inner.conns.insert(id, slot.clone());
+        inner.peak = inner.peak.max(inner.conns.len());
+        self.stats.admin_cx_active.set(inner.conns.len() as u64);
+        Admitted {
+            open: self.clone(),
+            id,
+            slot,
+        }
+    }
+
+    /// Gives up connection `id`'s place (an evicted one has given it up already).
+    fn leave(&self, id: u64) {
+        let mut inner = self.lock();
+        inner.conns.remove(&id);
+        let left = inner.conns.len();
+        self.stats.admin_cx_active.set(left as u64);
+        let trim = inner.peak >= TRIM_AFTER && left <= inner.peak / 4;
+        if trim {
+            inner.peak = left;
+        }
+        drop(inner);
+        if trim {
+            // SAFETY: malloc_trim only releases free memory of the allocator; it has no
+            // preconditions.
+            unsafe {
+                nix::libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
+/// A connection's place among the open ones, given up when its task ends.
+struct Admitted {
+    open: Arc<Open>,
+    id: u64,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.open.leave(self.id);
+    }
+}
+
+/// The socket, marking its slot busy when request bytes arrive and idle again once an
+/// answer has been written and flushed.
+struct Watched {
+    sock: TcpStream,
+    slot: Arc<Slot>,
+    wrote: bool,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.sock).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.slot.idle.store(false, Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.sock).poll_write(cx, buf);
+        this.wrote |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.sock).poll_write_vectored(cx, bufs);
+        this.wrote |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.sock).poll_flush(cx);
+        // hyper flushes once its whole buffer is written: the answer is out.
+        if this.wrote && matches!(r, Poll::Ready(Ok(()))) {
+            this.wrote = false;
+            this.slot.idle.store(true, Relaxed);
+        }
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_shutdown(cx)
+    }
+}
+
 /// Serves until the process exits; one task per admin connection.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let reserve = Arc::new(Reserve::default());
+    let open = Arc::new(Open::new(state.limits.max_connections, state.stats.clone()));
+    let idle_timeout = state.limits.idle_timeout;
     loop {
         // Cheap when held; refills a reserve that an earlier refill could not reopen.
         reserve.fill();
@@ -89,6 +297,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 continue;
             }
         };
+        let admitted = open.admit();
         let state = state.clone();
         let reserve = reserve.clone();
         tokio::spawn(async move {
@@ -96,13 +305,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
+            let io = Watched {
+                sock,
+                slot: admitted.slot.clone(),
+                wrote: false,
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(sock), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!("admin connection: {e}");
+                .header_read_timeout(idle_timeout)
+                .serve_connection(TokioIo::new(io), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!("admin connection: {e}");
+                },
+                // Dropping the connection closes its socket.
+                _ = admitted.slot.close.notified() => {
+                    tracing::debug!("admin connection closed to make room for a newer one");
+                }
             }
+            drop(admitted);
             // The connection (and its socket) is gone: take its descriptor back into reserve.
             if borrowed {
                 reserve.fill();
@@ -271,7 +492,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 9] {
+fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 11] {
     let dns = &stats.dns;
     [
         (
@@ -309,6 +530,18 @@ fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 9
             "DNS queries dropped: too many in flight.",
             true,
             dns.udp_overflow.get(),
+        ),
+        (
+            "admin_cx_active",
+            "Admin connections open now.",
+            false,
+            stats.admin_cx_active.get(),
+        ),
+        (
+            "admin_cx_evicted",
+            "Admin connections closed to make room for a newer one (--admin-max-connections).",
+            true,
+            stats.admin_cx_evicted.get(),
         ),
         (
             "draining",
@@ -576,4 +809,52 @@ pub fn capture_rules() -> serde_json::Value {
         }
     }
     serde_json::json!({ "read_at": "proxy start", "rulesets": found, "errors": errors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_ids(open: &Open) -> Vec<u64> {
+        open.lock().conns.keys().copied().collect()
+    }
+
+    /// Waits (bounded) for the slot's close signal.
+    fn told_to_close(slot: &Slot) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), slot.close.notified()).await
+        })
+        .is_ok()
+    }
+
+    #[test]
+    fn the_cap_closes_the_oldest_idle_connection_first() {
+        let stats = Arc::new(Stats::default());
+        let open = Arc::new(Open::new(2, stats.clone()));
+        let a = open.admit();
+        let b = open.admit();
+        // a is mid-request: b, younger but idle, makes room for c.
+        a.slot.idle.store(false, Relaxed);
+        let c = open.admit();
+        assert_eq!(open_ids(&open), [a.id, c.id]);
+        assert!(told_to_close(&b.slot));
+        assert!(!told_to_close(&a.slot));
+        // Every one mid-request: the oldest goes.
+        c.slot.idle.store(false, Relaxed);
+        let d = open.admit();
+        assert_eq!(open_ids(&open), [c.id, d.id]);
+        assert!(told_to_close(&a.slot));
+        assert_eq!(stats.admin_cx_evicted.get(), 2);
+        assert_eq!(stats.admin_cx_active.get(), 2);
+        // The evicted ones' tasks end without touching the others' places.
+        drop((a, b));
+        assert_eq!(stats.admin_cx_active.get(), 2);
+        drop((c, d));
+        assert_eq!(stats.admin_cx_active.get(), 0);
+        assert!(open_ids(&open).is_empty());
+    }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod duration;
 pub mod explain;
 pub mod istio;
 pub mod logging;

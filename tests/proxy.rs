@@ -10,7 +10,10 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{accept_within, hp, Topology, POD_V4, POD_V6, REMOTE_V4, REMOTE_V6};
-use proxy_support::{echo, echo_server, set_reset_on_close, HttpServer, Pattern, Proxy, APP};
+use proxy_support::{
+    echo, echo_server, listening_sockets, set_reset_on_close, HttpServer, Listening, Pattern,
+    Proxy, APP,
+};
 
 const MIB: u64 = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -467,6 +470,66 @@ fn drain_timeout_cuts_what_is_left_logs_it_in_json_and_exits_zero() {
     assert_eq!(cut["fields"]["rx_bytes"], 16);
 }
 
+/// Reads until the stream ends: `Ok(bytes)` for an end of stream (FIN), the error's kind
+/// otherwise (bounded by the socket's read timeout).
+fn read_to_the_end(mut s: &TcpStream) -> Result<u64, ErrorKind> {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
+/// A transfer still running when the drain timeout runs out is cut with a reset on both
+/// sides: an end of stream would pass for a complete transfer.
+#[test]
+fn drain_timeout_resets_both_sides_of_a_transfer_it_cuts() {
+    require_netns!();
+    let t = Topology::new();
+    let mut proxy = Proxy::start(&t, &["--drain-timeout", "1s"]);
+    let server = t.remote.listen("0.0.0.0:9800");
+    let srv = std::thread::spawn(move || {
+        let (s, _) = accept_within(&server, Duration::from_secs(10)).expect("no connection");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        // The download: 1 KiB every 20 ms for up to 20 s; the proxy cuts it after about 1 s.
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..1000 {
+                if w.write_all(&[7u8; 1024]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        // The upload never ends on its own: how it ends is the proxy's cut, seen from here.
+        let end = read_to_the_end(&s);
+        writer.join().unwrap();
+        end
+    });
+    let mut c = app_connect(&t, &hp(REMOTE_V4, 9800));
+    c.write_all(b"upload").unwrap();
+    let mut first = [0u8; 1024];
+    c.read_exact(&mut first).unwrap();
+    proxy.terminate();
+    let client_end = read_to_the_end(&c);
+    let upstream_end = srv.join().unwrap();
+    assert_eq!(
+        (client_end, upstream_end),
+        (
+            Err(ErrorKind::ConnectionReset),
+            Err(ErrorKind::ConnectionReset)
+        ),
+        "how the cut transfer ended: (client side, upstream side)"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("no exit");
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
+    assert!(proxy.log_text().contains("end=\"drain_timeout\""));
+}
+
 #[test]
 fn every_admin_endpoint_answers_and_prometheus_text_parses() {
     require_netns!();
@@ -540,6 +603,96 @@ fn every_admin_endpoint_answers_and_prometheus_text_parses() {
         "{parsed}"
     );
     drop(held);
+}
+
+/// Whether the peer has closed `s` (non-blocking): an end of stream or a reset is waiting.
+fn closed_by_peer(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    }
+}
+
+/// Lets this test process hold `n` more descriptors, as far as its hard limit allows.
+fn room_for_descriptors(n: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    assert!(
+        hard >= n + 1024,
+        "the test needs {n} descriptors; the hard limit is {hard}"
+    );
+}
+
+/// Clients that open admin connections and never ask cannot grow the proxy: past
+/// --admin-max-connections (64) each new connection closes the oldest idle one at once, so
+/// 3,000 of them cost little memory and /stats still answers; the idle timeout closes the
+/// rest.
+#[test]
+fn idle_admin_connections_are_capped_and_timed_out() {
+    require_netns!();
+    const FLOOD: usize = 3000;
+    const CAP: usize = 64;
+    room_for_descriptors(FLOOD as u64);
+    let t = Topology::new();
+    let proxy = Proxy::start_in(&t.pod, &["--dns-port", "0", "--admin-idle-timeout", "5s"]);
+    let before = proxy.rss_kib();
+    let flood: Vec<TcpStream> = t
+        .pod
+        .handle
+        .run(|| {
+            (0..FLOOD)
+                .map(|_| TcpStream::connect("127.0.0.1:15000"))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .expect("connect to the admin port");
+    for s in &flood {
+        s.set_nonblocking(true).unwrap();
+    }
+    let still_open = || flood.iter().filter(|s| !closed_by_peer(s)).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut open = still_open();
+    while open > CAP && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        open = still_open();
+    }
+    // The peak includes the moment every connection of the flood had been accepted.
+    let peak = proxy.peak_rss_kib();
+    assert!(
+        peak < before + 16 * 1024,
+        "RSS {before} KiB, peak {peak} KiB with {FLOOD} idle admin connections"
+    );
+    assert!(open <= CAP, "{open} of {FLOOD} idle admin connections open");
+    // /stats still answers (its connection closes the oldest idle one), and the flood was
+    // closed to make room, not by the idle timeout.
+    let evicted = proxy.stat("server.admin_cx_evicted");
+    assert!(evicted >= (FLOOD - CAP) as u64, "{evicted} evicted");
+    assert!(proxy.stat("server.admin_cx_active") <= CAP as u64);
+    // The idle timeout closes the rest from the server's side.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open = still_open();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} idle admin connections outlived the idle timeout"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Only the request asking is open now.
+    assert_eq!(proxy.stat("server.admin_cx_active"), 1);
+    let after = proxy.rss_kib();
+    eprintln!(
+        "proxy RSS: {before} KiB before, peak {peak} KiB with {FLOOD} idle admin connections, \
+         {after} KiB once they were closed"
+    );
 }
 
 #[test]
@@ -749,6 +902,114 @@ fn dns_over_udp_and_tcp_is_answered_through_the_upstream() {
     assert_eq!(proxy.stat("dns.downstream_cx_total"), 1);
 }
 
+/// The DNS forwarder listens only where the capture rules send DNS: loopback, since they
+/// redirect it in nat OUTPUT, where REDIRECT rewrites the destination to 127.0.0.1 / ::1. A
+/// remote host dialling the pod's own address on the DNS port is refused, and nothing reaches
+/// the upstream, whatever rules the pod has (here: none).
+#[test]
+fn dns_over_tcp_from_a_remote_host_is_refused() {
+    require_netns!();
+    let t = Topology::new();
+    let upstream = t.remote.listen("10.200.0.1:53");
+    let _proxy = Proxy::start_in(&t.pod, &["--dns-upstream", REMOTE_V4]);
+    for pod in [POD_V4, POD_V6] {
+        match t.remote.connect_as(0, 0, &hp(pod, 15053)) {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{pod}: {e}"),
+            Ok(mut s) => {
+                let _ = s.write_all(b"\x00\x0cquery-from-x");
+                let relayed = accept_within(&upstream, Duration::from_secs(2)).is_some();
+                panic!(
+                    "{pod}:15053 accepted a remote's DNS connection (relayed upstream: {relayed})"
+                );
+            }
+        }
+    }
+    assert!(
+        accept_within(&upstream, Duration::from_millis(300)).is_none(),
+        "a remote's query reached the upstream"
+    );
+}
+
+/// With the DNS forwarder and the admin port on, only the outbound and inbound listeners face
+/// the network: the namespace's socket tables say so, and so does a remote dialling every
+/// listening port at both pod addresses. DNS over TCP from the app still reaches the
+/// forwarder through the rules, in both families.
+#[test]
+fn only_the_outbound_and_inbound_listeners_face_the_network() {
+    require_netns!();
+    let t = Topology::new();
+    let _upstream = echo_server(t.remote.listen("10.200.0.1:53"), Duration::from_secs(30));
+    // No rules yet: with inbound capture on, every port of the pod would answer the remote
+    // through the inbound listener.
+    let proxy = Proxy::start_in(&t.pod, &["--dns-upstream", REMOTE_V4]);
+    let all = listening_sockets(proxy.pid());
+    let mut exposed: Vec<(bool, String)> = all
+        .iter()
+        .filter(|l| !l.addr.ip().is_loopback())
+        .map(|l| (l.tcp, l.addr.to_string()))
+        .collect();
+    exposed.sort();
+    let want: Vec<(bool, String)> = ["0.0.0.0:15001", "0.0.0.0:15006", "[::]:15001", "[::]:15006"]
+        .iter()
+        .map(|a| (true, a.to_string()))
+        .collect();
+    assert_eq!(exposed, want, "sockets off loopback");
+    let has = |tcp: bool, addr: &str| {
+        all.contains(&Listening {
+            tcp,
+            addr: addr.parse().unwrap(),
+        })
+    };
+    // The scan sees the proxy's sockets, loopback ones included.
+    for (tcp, addr) in [
+        (true, "127.0.0.1:15000"),
+        (true, "127.0.0.1:15053"),
+        (true, "[::1]:15053"),
+        (false, "127.0.0.1:15053"),
+        (false, "[::1]:15053"),
+    ] {
+        assert!(has(tcp, addr), "no {addr} (tcp: {tcp}) in {all:?}");
+    }
+    let mut ports: Vec<u16> = all
+        .iter()
+        .filter(|l| l.tcp)
+        .map(|l| l.addr.port())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    for port in ports {
+        for pod in [POD_V4, POD_V6] {
+            let reached = t.remote.connect_as(0, 0, &hp(pod, port)).is_ok();
+            assert_eq!(
+                reached,
+                port == 15001 || port == 15006,
+                "{pod} port {port} from the remote"
+            );
+        }
+    }
+
+    let out = t.pod.shunt(&[
+        "apply",
+        "--redirect-dns",
+        "on",
+        "--capture-all-dns",
+        "on",
+        "--ipv6",
+        "on",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The stand-in upstream echoes, so an echo proves the forwarder relayed it.
+    for server in ["10.200.0.77:53", "[fd00:5::77]:53"] {
+        let c = app_connect(&t, server);
+        echo(&c, b"\x00\x05query").unwrap_or_else(|e| panic!("{server}: {e}"));
+    }
+    assert_eq!(proxy.stat("dns.downstream_cx_total"), 2);
+}
+
 #[test]
 fn bad_flags_are_refused_naming_the_value() {
     // Usage and configuration errors, caught by clap or by validation, all exit 2.
@@ -788,6 +1049,9 @@ fn bad_flags_are_refused_naming_the_value() {
         err.contains("127.0.0.1:15053") && err.contains("loop"),
         "{err}"
     );
+    let (code, err) = run(&["--admin-max-connections", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--admin-max-connections 0"), "{err}");
     // The same flag from the environment.
     let out = refused_within(
         common::shunt_command()
@@ -795,6 +1059,40 @@ fn bad_flags_are_refused_naming_the_value() {
             .env("SHUNT_PROXY_OUTBOUND_PORT", "0"),
     );
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `shunt proxy` and `shunt validate` read durations with one parser: the values one refuses,
+/// the other refuses too, naming the value, and a zero where zero means nothing (a connect
+/// timeout, validate's timeout) is refused by both. Run in a namespace of its own: a proxy
+/// that wrongly accepted would bind its ports there, not in the host's.
+#[test]
+fn proxy_and_validate_refuse_the_same_durations() {
+    require_netns!();
+    let ns = common::Ns::new("durations");
+    for bad in [
+        "0",
+        "0s",
+        "-1s",
+        "5x",
+        "NaN",
+        "",
+        "86401s",
+        "99999999999999999999999m",
+    ] {
+        let mut proxy = std::process::Command::new("ip");
+        common::scrub_env(&mut proxy).args(["netns", "exec", &ns.name, common::SHUNT, "proxy"]);
+        let out = refused_within(proxy.arg(format!("--connect-timeout={bad}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "proxy {bad:?}: {err}");
+        assert!(err.contains(&format!("'{bad}'")), "proxy {bad:?}: {err}");
+
+        let mut validate = common::shunt_command();
+        validate.args(["validate", "--netns", &ns.path()]);
+        let out = refused_within(validate.arg(format!("--timeout={bad}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "validate {bad:?}: {err}");
+        assert!(err.contains(&format!("'{bad}'")), "validate {bad:?}: {err}");
+    }
 }
 
 #[test]

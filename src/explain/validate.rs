@@ -36,9 +36,9 @@ pub struct ValidateArgs {
     /// Address to dial (must be captured by the rules)
     #[arg(long, value_name = "ADDR:PORT")]
     pub target: Option<String>,
-    /// Give up after this long (e.g. 5s, 500ms)
-    #[arg(long, default_value = "5s", value_name = "DURATION")]
-    pub timeout: String,
+    /// Give up after this long (e.g. 5s, 500ms; more than 0)
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = crate::duration::positive)]
+    pub timeout: Duration,
     /// Uid to connect as [default: the first uid from 1000 that is not a proxy uid]
     #[arg(long, value_name = "UID")]
     pub uid: Option<u32>,
@@ -64,22 +64,6 @@ pub struct Validation {
     /// What was seen, in words.
     pub message: String,
     pub elapsed_ms: u64,
-}
-
-/// `5s`, `500ms`, `2.5`, `1m`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num.trim().parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs > 0.0 && secs < 86400.0).then(|| Duration::from_secs_f64(secs))
 }
 
 fn in_ranges(ranges: &[IdRange], id: u32) -> bool {
@@ -363,8 +347,7 @@ pub fn validate(
 /// capture does not work).
 pub fn run_validate(args: ValidateArgs) -> Result<i32, crate::Error> {
     let cfg = args.capture.resolve()?;
-    let timeout = parse_duration(&args.timeout)
-        .ok_or_else(|| usage("--timeout", &args.timeout, "expected e.g. 5s or 500ms"))?;
+    let timeout = args.timeout;
     let target = match &args.target {
         Some(t) => parse_socket_addr("--target", t)?,
         None => default_target(&cfg)?,
@@ -421,13 +404,30 @@ mod tests {
     use super::*;
     use crate::config::RawOptions;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        validate: ValidateArgs,
+    }
+
+    /// `--timeout` reads `duration::positive`, as `shunt proxy --connect-timeout` does.
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("0s"), None);
-        assert_eq!(parse_duration("x"), None);
+    fn timeout_uses_the_shared_duration_parser() {
+        use clap::Parser;
+        let parse = |v: &str| {
+            Cli::try_parse_from(["validate".to_string(), format!("--timeout={v}")])
+                .map(|c| c.validate.timeout)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("2"), Ok(Duration::from_secs(2)));
+        for bad in ["0s", "0", "x", "-1s", "86401s"] {
+            let err = parse(bad).unwrap_err();
+            assert!(
+                err.contains("--timeout") && err.contains(&format!("'{bad}'")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

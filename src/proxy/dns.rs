@@ -1,9 +1,10 @@
 //! The DNS forwarder on `--dns-port`: the capture rules (`--redirect-dns`) send the app's DNS
 //! here, and it asks the upstream servers (`--dns-upstream`, else the namespace's
-//! resolv.conf). UDP queries are answered from the socket they arrived on, bound to loopback
-//! where REDIRECT delivers them, so conntrack turns the reply's source back into the server the
-//! app asked. DNS over TCP is relayed to the first upstream like any other connection
-//! (direction `dns` in the stats).
+//! resolv.conf). Both its UDP and its TCP sockets are bound to loopback only ([`listen_addrs`]):
+//! that is where REDIRECT delivers them, and an address the network can reach would make the
+//! pod an open resolver. UDP queries are answered from the socket they arrived on, so conntrack
+//! turns the reply's source back into the server the app asked. DNS over TCP is relayed to the
+//! first upstream like any other connection (direction `dns` in the stats).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -44,12 +45,23 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("'{s}' is not an IP or IP:PORT (e.g. 10.96.0.10 or [fd00::a]:53)"))
 }
 
-/// The UDP listeners: loopback, where REDIRECT delivers locally generated datagrams.
+/// Where the forwarder listens, UDP and TCP: IPv4 first, then IPv6. The capture rules
+/// redirect DNS only in nat OUTPUT (`plan::ruleset`: the app's own packets), and REDIRECT sends
+/// a locally generated packet to 127.0.0.1 or ::1, so nothing arrives anywhere else.
+pub fn listen_addrs(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ]
+}
+
+/// The UDP listeners, on [`listen_addrs`]; a namespace without IPv6 gets the IPv4 one only.
 pub async fn bind_udp(port: u16) -> io::Result<Vec<UdpSocket>> {
-    let mut socks = vec![UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?];
-    match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+    let [v4, v6] = listen_addrs(port);
+    let mut socks = vec![UdpSocket::bind(v4).await?];
+    match UdpSocket::bind(v6).await {
         Ok(s) => socks.push(s),
-        Err(e) => tracing::warn!("no IPv6 DNS listener on [::1]:{port}: {e}"),
+        Err(e) => tracing::warn!("no IPv6 DNS listener on {v6}: {e}"),
     }
     Ok(socks)
 }

@@ -93,6 +93,42 @@ pub fn access_log(
     );
 }
 
+/// A connection's socket that is reset when dropped, until the relay has finished with it. A
+/// connection whose task is dropped midway (the runtime shutting down with it still open once
+/// `--drain-timeout` has run out, or a panic) therefore ends with RST on both sides, never
+/// with the FIN of a complete transfer; every refusal resets its client anyway.
+struct Armed {
+    sock: TcpStream,
+    armed: bool,
+}
+
+impl Armed {
+    fn new(sock: TcpStream) -> Armed {
+        Armed { sock, armed: true }
+    }
+
+    /// The relay ended (it has already reset both sides if it ended in failure): close as it
+    /// ended.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl std::ops::Deref for Armed {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if self.armed {
+            reset(&self.sock);
+        }
+    }
+}
+
 /// Where the connection to the destination comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -150,6 +186,7 @@ pub async fn handle(
     dir: Direction,
     _active: Active,
 ) {
+    let mut client = Armed::new(client);
     let started = Instant::now();
     let stats = shared.stats.dir(dir);
     let (verdict, source) = match (dir, shared.dns_upstream) {
@@ -205,8 +242,9 @@ pub async fn handle(
     }
     // TCP_NODELAY is inherited from the listening socket (see `listener::bind_with`).
     let guard = shared.stats.open(dir, peer, dst);
-    let upstream = match connect(dst, source, shared.tproxy_mark, shared.connect_timeout).await {
-        Ok(s) => s,
+    let mut upstream = match connect(dst, source, shared.tproxy_mark, shared.connect_timeout).await
+    {
+        Ok(s) => Armed::new(s),
         Err((end, e)) => {
             guard.info.cluster().cx_connect_fail.inc();
             if end == End::ConnectTimeout {
@@ -224,6 +262,8 @@ pub async fn handle(
         .relay
         .run(&shared.stats, &client, &upstream, &guard.info)
         .await;
+    client.disarm();
+    upstream.disarm();
     match end {
         End::ClientReset => stats.client_reset.inc(),
         End::UpstreamReset => stats.upstream_reset.inc(),

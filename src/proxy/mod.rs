@@ -6,7 +6,8 @@
 //! stats <- admin (127.0.0.1:15000)
 //! ```
 //! Listeners are bound first, then the process drops to `--user`; SIGTERM closes the listeners,
-//! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`.
+//! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`, then
+//! resets both sides of each one left.
 
 mod dns;
 mod forward;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::duration;
 pub use relay::RelayMode;
 use stats::{Direction, End, Stats};
 
@@ -99,27 +101,6 @@ pub fn parse_user(s: &str) -> Result<User, String> {
     Ok(User { uid, gid })
 }
 
-/// `5s`, `500ms`, `2m`, or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("'{s}' is not a duration (a number with ms, s or m, e.g. 5s)");
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
@@ -146,6 +127,13 @@ pub struct ProxyArgs {
         default_value = "127.0.0.1:15000"
     )]
     pub admin_addr: SocketAddr,
+    /// Admin connections open at once; past this a new one closes the oldest idle one
+    #[arg(long, env = "SHUNT_PROXY_ADMIN_MAX_CONNECTIONS", default_value_t = crate::admin::DEFAULT_MAX_CONNECTIONS)]
+    pub admin_max_connections: usize,
+    /// Close an admin connection that sends no complete request head for this long (ms, s
+    /// or m; more than 0)
+    #[arg(long, env = "SHUNT_PROXY_ADMIN_IDLE_TIMEOUT", default_value = "10s", value_parser = duration::positive)]
+    pub admin_idle_timeout: Duration,
     /// DNS forwarder port (UDP and TCP; what --redirect-dns captures to); 0 turns it off
     #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
@@ -161,11 +149,13 @@ pub struct ProxyArgs {
     /// Bind, then drop to this user: UID[:GID] (default: keep running as started)
     #[arg(long, env = "SHUNT_PROXY_USER", value_parser = parse_user, value_name = "UID[:GID]")]
     pub user: Option<User>,
-    /// Give up connecting to the original destination after this long (ms, s or m)
-    #[arg(long, env = "SHUNT_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// Give up connecting to the original destination after this long (ms, s or m; more
+    /// than 0)
+    #[arg(long, env = "SHUNT_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::positive)]
     pub connect_timeout: Duration,
-    /// On SIGTERM, wait this long for open connections before exiting (ms, s or m)
-    #[arg(long, env = "SHUNT_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// On SIGTERM, wait this long for open connections, then reset what is left and exit (ms,
+    /// s or m; 0 resets them at once)
+    #[arg(long, env = "SHUNT_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub drain_timeout: Duration,
     /// Most connections open at once (both directions); more are reset. Default: what the
     /// descriptor limit allows (two per connection)
@@ -246,6 +236,13 @@ impl ProxyArgs {
                  real DNS servers"
             )));
         }
+        if self.admin_max_connections == 0 {
+            return Err(ProxyError::Config(
+                "--admin-max-connections 0 would refuse every admin request; give 1 or more \
+                 (default 64)"
+                    .into(),
+            ));
+        }
         if self.max_connections == Some(0) {
             return Err(ProxyError::Config(
                 "--max-connections 0 would refuse everything".into(),
@@ -260,6 +257,8 @@ impl ProxyArgs {
             "outbound_port": self.outbound_port,
             "inbound_port": self.inbound_port,
             "admin_addr": self.admin_addr.to_string(),
+            "admin_max_connections": self.admin_max_connections,
+            "admin_idle_timeout_ms": self.admin_idle_timeout.as_millis() as u64,
             "dns_port": self.dns_port,
             "dns_upstream": self.dns_upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mode": self.mode,
@@ -406,7 +405,12 @@ pub fn run(args: ProxyArgs) -> Result<(), ProxyError> {
             .build()
     }
     .map_err(ProxyError::Runtime)?;
-    rt.block_on(serve(args, nofile, rules))
+    let served = rt.block_on(serve(args, nofile, rules));
+    // Dropping the runtime drops the tasks of the connections still open after the drain
+    // timeout; each resets both its sockets as it goes (`forward::Armed`), so their clients
+    // see a cut, not a complete transfer.
+    drop(rt);
+    served
 }
 
 async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result<(), ProxyError> {
@@ -450,12 +454,12 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             addr,
             source,
         };
-        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.dns_port));
+        // Loopback only, like the UDP sockets: where the rules' REDIRECT sends DNS.
+        let [v4, v6] = dns::listen_addrs(args.dns_port);
         listeners.push((
             Direction::Dns,
             listener::bind(v4).map_err(|e| bind_err(v4, e))?,
         ));
-        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.dns_port));
         match listener::bind(v6) {
             Ok(l) => listeners.push((Direction::Dns, l)),
             Err(e) => tracing::warn!("no IPv6 DNS listener on {v6}: {e}"),
@@ -477,7 +481,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             .await
             .map_err(|source| ProxyError::Bind {
                 what: "dns",
-                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, args.dns_port)),
+                addr: dns::listen_addrs(args.dns_port)[0],
                 source,
             })?;
     }
@@ -508,6 +512,10 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         stats: shared.stats.clone(),
         config: args.dump(max_connections),
         rules,
+        limits: crate::admin::Limits {
+            max_connections: args.admin_max_connections,
+            idle_timeout: args.admin_idle_timeout,
+        },
     });
     tokio::spawn(crate::admin::serve(admin, admin_state));
 
@@ -583,7 +591,8 @@ impl Signals {
     }
 }
 
-/// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish.
+/// `/ready` turns 503, listeners close, open connections get up to `timeout` to finish. The
+/// ones left are logged here and reset when `run` drops the runtime.
 async fn drain(shared: &Shared, stop: &watch::Sender<bool>, timeout: Duration) {
     shared.stats.draining.store(true, Ordering::Relaxed);
     let _ = stop.send(true);
@@ -621,7 +630,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_users_and_durations() {
+    fn parses_users_and_ports() {
         assert_eq!(
             parse_user("1337"),
             Ok(User {
@@ -632,13 +641,49 @@ mod tests {
         assert_eq!(parse_user("1337:42"), Ok(User { uid: 1337, gid: 42 }));
         assert!(parse_user("-1").unwrap_err().contains("'-1'"));
         assert!(parse_user("root").is_err());
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("5x").unwrap_err().contains("'5x'"));
-        assert!(parse_duration("").is_err());
         assert!(port("70000").unwrap_err().contains("70000"));
         assert!(port("0").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ProxyArgs, String> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))
+            .map(|c| c.proxy)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every duration flag reads `duration::parse`; which ones can be 0 is the flag's own
+    /// rule: a drain timeout of 0 resets at once, a connect or idle timeout of 0 is refused.
+    #[test]
+    fn duration_flags_share_one_parser_and_say_whether_zero_means_something() {
+        let args = parse(&["--drain-timeout", "0"]).unwrap();
+        assert_eq!(args.drain_timeout, Duration::ZERO);
+        let args = parse(&["--connect-timeout", "1.5s", "--admin-idle-timeout", "250ms"]).unwrap();
+        assert_eq!(args.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(args.admin_idle_timeout, Duration::from_millis(250));
+        for flag in ["--connect-timeout", "--admin-idle-timeout"] {
+            let err = parse(&[flag, "0ms"]).unwrap_err();
+            assert!(err.contains(flag) && err.contains("'0ms' is zero"), "{err}");
+        }
+        for flag in [
+            "--connect-timeout",
+            "--drain-timeout",
+            "--admin-idle-timeout",
+        ] {
+            for bad in ["-1s", "5x", "NaN", "", "86401s", "99999999999999999999999m"] {
+                // `=`: clap would take `-1s` after a space for a flag.
+                let err = parse(&[&format!("{flag}={bad}")]).unwrap_err();
+                assert!(
+                    err.contains(flag) && err.contains(&format!("'{bad}'")),
+                    "{err}"
+                );
+            }
+        }
     }
 }

@@ -60,7 +60,7 @@ pub enum End {
     Overflow,
     /// Accepted while the proxy was draining: refused.
     Draining,
-    /// Still open when the drain timeout ran out.
+    /// Still open when the drain timeout ran out: both sides reset.
     DrainTimeout,
 }
 
@@ -110,6 +110,9 @@ impl Gauge {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
+    }
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
     }
 }
 
@@ -235,6 +238,10 @@ pub struct Stats {
     /// Relay buffers or pipes created (the pool reuses them).
     pub relay_buffers_created: Counter,
     pub dns: DnsStats,
+    /// Admin connections open now.
+    pub admin_cx_active: Gauge,
+    /// Admin connections closed to make room for a newer one.
+    pub admin_cx_evicted: Counter,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnInfo>>>,
     next_id: AtomicU64,
@@ -249,6 +256,8 @@ impl Default for Stats {
             accept_errors: Counter::default(),
             relay_buffers_created: Counter::default(),
             dns: DnsStats::default(),
+            admin_cx_active: Gauge::default(),
+            admin_cx_evicted: Counter::default(),
             clusters: Mutex::new(HashMap::new()),
             conns: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),

@@ -198,12 +198,21 @@ impl Proxy {
 
     /// VmRSS in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// VmHWM, the peak resident set size so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
     }
 
     pub fn terminate(&self) {
@@ -240,6 +249,61 @@ impl Drop for Proxy {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// A socket waiting for peers in the proxy's namespace: a TCP listener, or a UDP socket bound
+/// and not connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening {
+    pub tcp: bool,
+    pub addr: std::net::SocketAddr,
+}
+
+/// Every listening socket in the namespace of process `pid`, from `/proc/PID/net/{tcp,udp}{,6}`
+/// (the files show the sockets of that process's network namespace, whoever owns them).
+pub fn listening_sockets(pid: i32) -> Vec<Listening> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    // The kernel prints each 32-bit word of the address as a native-endian hex number.
+    fn word(hex: &str) -> [u8; 4] {
+        u32::from_str_radix(hex, 16).unwrap().to_ne_bytes()
+    }
+    let mut found = vec![];
+    // TCP_LISTEN is 0A; an unconnected UDP socket shows TCP_CLOSE, 07.
+    for (file, tcp, state) in [
+        ("tcp", true, "0A"),
+        ("tcp6", true, "0A"),
+        ("udp", false, "07"),
+        ("udp6", false, "07"),
+    ] {
+        let path = format!("/proc/{pid}/net/{file}");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 || f[3] != state {
+                continue;
+            }
+            let (ip, port) = f[1].split_once(':').unwrap();
+            let port = u16::from_str_radix(port, 16).unwrap();
+            let ip = match ip.len() {
+                8 => IpAddr::V4(Ipv4Addr::from(word(ip))),
+                32 => {
+                    let mut b = [0u8; 16];
+                    for i in 0..4 {
+                        b[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8]));
+                    }
+                    IpAddr::V6(Ipv6Addr::from(b))
+                }
+                _ => panic!("{path}: unexpected address {ip}"),
+            };
+            found.push(Listening {
+                tcp,
+                addr: SocketAddr::new(ip, port),
+            });
+        }
+    }
+    found
 }
 
 /// A deterministic byte stream: `fill(offset, buf)` writes the bytes at `offset..`. The period
