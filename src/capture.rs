@@ -232,18 +232,6 @@ pub struct ApplyReport {
     pub changes: Vec<(Family, String)>,
 }
 
-/// The `nameserver` lines of a resolv.conf.
-pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|rest| {
-            // A scoped IPv6 server (`fe80::1%eth0`) is matched by address.
-            let addr = rest.split_whitespace().next()?;
-            addr.split('%').next()?.parse().ok()
-        })
-        .collect()
-}
-
 /// The DNS servers a namespace uses: `ip netns exec` gives a named namespace
 /// /etc/netns/NAME/resolv.conf when that exists, everything else sees /etc/resolv.conf.
 pub fn resolv_conf_servers(netns: Option<&Path>) -> Vec<IpAddr> {
@@ -254,7 +242,12 @@ pub fn resolv_conf_servers(netns: Option<&Path>) -> Vec<IpAddr> {
         .filter(|p| p.exists());
     let path = named.unwrap_or_else(|| "/etc/resolv.conf".into());
     std::fs::read_to_string(path)
-        .map(|t| parse_resolv_conf(&t))
+        .map(|t| {
+            crate::resolv::nameservers(&t)
+                .iter()
+                .map(|n| n.addr)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -589,14 +582,7 @@ pub fn drift_text(report: &CheckReport) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{diff, parse_resolv_conf};
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let t = "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\noptions ndots:5\nnameserver bogus\n";
-        let got: Vec<String> = parse_resolv_conf(t).iter().map(|a| a.to_string()).collect();
-        assert_eq!(got, ["10.96.0.10", "fe80::1"]);
-    }
+    use super::diff;
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()

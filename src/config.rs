@@ -685,11 +685,7 @@ impl RawOptions {
             netns: self.netns.as_deref().map(parse_netns).transpose()?,
             wait: {
                 let v = get(&self.wait, "30s");
-                match crate::proxy::parse_duration(&v) {
-                    Ok(d) if !d.is_zero() => d,
-                    Ok(_) => return Err(invalid("wait", &v, "the wait must be above zero")),
-                    Err(e) => return Err(invalid("wait", &v, e)),
-                }
+                crate::duration::positive(&v).map_err(|e| invalid("wait", &v, e.to_string()))?
             },
         };
         cfg.check_combinations()?;
@@ -848,7 +844,7 @@ mod tests {
                 vec![("mode", "tproxy"), ("tproxy_route_table", "254")],
                 vec!["--tproxy-route-table", "254", "kernel's own"],
             ),
-            (vec![("wait", "0")], vec!["--wait", "above zero"]),
+            (vec![("wait", "0")], vec!["--wait", "zero"]),
             (vec![("wait", "soon")], vec!["--wait", "soon"]),
         ] {
             let msg = err(&pairs);

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod plan;
 pub mod proxy;
 pub mod render;
+pub mod resolv;
 pub mod routing;
 pub mod rules;
 pub mod socket;

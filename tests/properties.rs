@@ -530,6 +530,7 @@ fn capture_config() -> impl Strategy<Value = (CaptureConfig, bool)> {
                 ipv6: Some(if ipv6 { "on" } else { "off" }.into()),
                 backend: None,
                 netns: None,
+                wait: None,
             };
             // What is still refused (a proxy port listed, two ports equal) is rare.
             raw.resolve().ok().map(|cfg| (cfg, ipv6))

@@ -22,16 +22,12 @@ const MAX_INFLIGHT: usize = 1024;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_MESSAGE: usize = 65_535;
 
-/// `nameserver` lines of a resolv.conf, as port-53 addresses.
+/// The resolv.conf servers to forward to: the same list the capture rules redirect
+/// ([`crate::resolv`]), scoped link-local ones included.
 pub fn resolv_conf_servers(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next()? == "nameserver").then_some(())?;
-            // A scoped IPv6 address (fe80::1%eth0) is skipped rather than guessed.
-            let ip: IpAddr = words.next()?.parse().ok()?;
-            Some(SocketAddr::new(ip, 53))
-        })
+    crate::resolv::nameservers(text)
+        .iter()
+        .map(crate::resolv::Nameserver::socket_addr)
         .collect()
 }
 
@@ -146,8 +142,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_forwarder_and_the_capture_rules_read_the_same_servers() {
+        let conf = "nameserver 10.96.0.10\nnameserver fe80::1%lo\nnameserver fd00::a\n";
+        let forwarded: Vec<IpAddr> = resolv_conf_servers(conf).iter().map(|s| s.ip()).collect();
+        let captured: Vec<IpAddr> = crate::resolv::nameservers(conf)
+            .iter()
+            .map(|n| n.addr)
+            .collect();
+        assert_eq!(forwarded, captured);
+        assert_eq!(forwarded.len(), 3);
+    }
+
+    #[test]
     fn reads_nameservers_and_upstreams() {
-        let conf = "# comment\nsearch svc\nnameserver 10.96.0.10\nnameserver fd00::a\nnameserver fe80::1%eth0\noptions ndots:5\n";
+        let conf =
+            "# comment\nsearch svc\nnameserver 10.96.0.10\nnameserver fd00::a\noptions ndots:5\n";
         assert_eq!(
             resolv_conf_servers(conf),
             vec![
