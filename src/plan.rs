@@ -165,11 +165,6 @@ pub enum Target {
     CtZone {
         zone: u16,
     },
-    /// `-j CT --zone-orig N`: the zone for the original direction only; replies are still
-    /// looked up in the default zone, so they find the connection.
-    CtZoneOriginal {
-        zone: u16,
-    },
     /// `-j MARK --set-xmark M/0xffffffff`
     SetMark {
         mark: u32,
@@ -240,7 +235,6 @@ const REDIRECT: &str = "SHUNT_REDIRECT";
 const IN_REDIRECT: &str = "SHUNT_IN_REDIRECT";
 const DNS: &str = "SHUNT_DNS";
 const DNS_REPLY: &str = "SHUNT_DNS_REPLY";
-const PROXY_CT: &str = "SHUNT_PROXY_CT";
 const PREROUTING: &str = "SHUNT_PREROUTING";
 /// The tproxy chain that marks packets for the policy route; `clean` reads the mark back
 /// from it.
@@ -252,13 +246,6 @@ const TPROXY: &str = "SHUNT_TPROXY";
 /// proxy forwards can never be mistaken for the app's and NATed back to it.
 const ZONE_UPSTREAM: u16 = 1;
 const ZONE_APP: u16 = 2;
-/// The proxy's own TCP connections start in this zone (original direction only). Without
-/// it, the proxy's SYN from a source port that an app connection used a moment ago matches
-/// that connection's conntrack entry (still in CLOSE or TIME_WAIT), inherits its NAT binding
-/// to the outbound port and lands on the proxy's own listener: the owner RETURN in nat
-/// OUTPUT never runs for a packet that is not NEW. In its own zone the SYN can only ever
-/// start a fresh entry; replies, looked up in the default zone, still find it.
-pub const ZONE_PROXY: u16 = 3;
 
 fn rule(matches: Vec<Match>, target: Target) -> Rule {
     Rule { matches, target }
@@ -499,7 +486,6 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
         user(REDIRECT, redirect_to(cfg.proxy_port)),
     ];
     let mut tables = Vec::new();
-    let (mut raw_prerouting, mut raw_output, mut raw_chains) = (Vec::new(), Vec::new(), Vec::new());
 
     if let Some(targets) = &dns {
         // nat: the app's DNS (UDP from OUTPUT, TCP via SHUNT_OUTPUT) goes to the DNS port.
@@ -544,34 +530,16 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
                 })
                 .collect(),
         };
-        raw_prerouting.push(rule(vec![UDP], jump(DNS_REPLY)));
-        raw_output.push(rule(vec![UDP], jump(DNS)));
-        raw_chains.push(user(DNS, raw_out));
-        raw_chains.push(user(DNS_REPLY, replies));
+        tables.push(Table {
+            name: TableName::Raw,
+            chains: vec![
+                builtin("PREROUTING", vec![rule(vec![UDP], jump(DNS_REPLY))]),
+                builtin("OUTPUT", vec![rule(vec![UDP], jump(DNS))]),
+                user(DNS, raw_out),
+                user(DNS_REPLY, replies),
+            ],
+        });
     }
-    // raw: the proxy's TCP connections in their own conntrack zone (see ZONE_PROXY).
-    raw_output.push(rule(vec![TCP], jump(PROXY_CT)));
-    raw_chains.push(user(
-        PROXY_CT,
-        owners(cfg)
-            .map(|(k, id)| {
-                rule(
-                    vec![owner(k, id)],
-                    Target::CtZoneOriginal { zone: ZONE_PROXY },
-                )
-            })
-            .collect(),
-    ));
-    let mut chains = Vec::new();
-    if !raw_prerouting.is_empty() {
-        chains.push(builtin("PREROUTING", raw_prerouting));
-    }
-    chains.push(builtin("OUTPUT", raw_output));
-    chains.append(&mut raw_chains);
-    tables.push(Table {
-        name: TableName::Raw,
-        chains,
-    });
 
     let mut mangle_prerouting = Vec::new();
     let mut mangle_chains = Vec::new();
@@ -692,9 +660,9 @@ mod tests {
     fn default_plan_has_nat_chains_and_two_jumps_per_family() {
         let plan = build(&CaptureConfig::default(), true);
         for rs in plan.families() {
-            let names: Vec<TableName> = rs.tables.iter().map(|t| t.name).collect();
-            assert_eq!(names, [TableName::Raw, TableName::Nat]);
-            let nat = &rs.tables[1];
+            assert_eq!(rs.tables.len(), 1);
+            assert_eq!(rs.tables[0].name, TableName::Nat);
+            let nat = &rs.tables[0];
             let builtin: Vec<_> = nat.chains.iter().filter(|c| c.builtin).collect();
             assert_eq!(builtin.len(), 2);
             for c in nat.chains.iter().filter(|c| !c.builtin) {
@@ -713,9 +681,9 @@ mod tests {
         .unwrap();
         let plan = build(&cfg, true);
         let count = |rs: &Ruleset| {
-            rs.tables
+            rs.tables[0]
+                .chains
                 .iter()
-                .flat_map(|t| &t.chains)
                 .flat_map(|c| &c.rules)
                 .filter(|r| {
                     r.matches

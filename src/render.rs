@@ -147,12 +147,6 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
                 format!("{mark:#x}/0xffffffff"),
             ]);
         }
-        Target::CtZoneOriginal { zone } => out.extend([
-            "-j".into(),
-            "CT".into(),
-            "--zone-orig".into(),
-            zone.to_string(),
-        ]),
         Target::CtZone { zone } => {
             out.extend(["-j".into(), "CT".into(), "--zone".into(), zone.to_string()])
         }

@@ -64,8 +64,7 @@ fn render_json_is_the_typed_plan() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["config"]["proxy_port"], 15001);
-    assert_eq!(v["plan"]["v4"]["tables"][0]["name"], "raw");
-    assert_eq!(v["plan"]["v4"]["tables"][1]["name"], "nat");
+    assert_eq!(v["plan"]["v4"]["tables"][0]["name"], "nat");
     assert!(v["plan"]["v6"].is_object());
 }
 

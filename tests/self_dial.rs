@@ -1,7 +1,8 @@
-//! The proxy must never connect to itself (issue: conntrack reuse). An app that churns
-//! connections to a port that refuses them leaves conntrack entries NATed to the outbound
-//! port; a later upstream socket of the proxy that picks the same source port must not take
-//! that old binding and land on the proxy's own listener.
+//! The proxy must never connect to itself. An app that churns connections to a port that
+//! refuses them leaves conntrack entries NATed to the outbound port (the proxy reset them);
+//! a later upstream socket of the proxy that picked the same source port would take that old
+//! binding and land on the proxy's own listener. The proxy avoids those ports
+//! (`src/proxy/stale.rs`); this proves it with the kernel, on both iptables backends.
 
 mod common;
 mod proxy_support;

@@ -242,8 +242,19 @@ pub async fn handle(
     }
     // TCP_NODELAY is inherited from the listening socket (see `listener::bind_with`).
     let guard = shared.stats.open(dir, peer, dst);
-    let mut upstream = match connect(dst, source, shared.tproxy_mark, shared.connect_timeout).await
-    {
+    // An app connection the proxy resets leaves a reopenable NATed conntrack entry behind.
+    let reopenable = matches!(dir, Direction::Outbound | Direction::Dns);
+    let avoid = match source {
+        Source::Any => shared.stale.to_avoid(dst),
+        _ => None,
+    };
+    let how = Dial {
+        source,
+        mark: shared.tproxy_mark,
+        timeout: shared.connect_timeout,
+        avoid: avoid.map(|ports| (ports, shared.ephemeral)),
+    };
+    let mut upstream = match connect(dst, how).await {
         Ok(s) => Armed::new(s),
         Err((end, e)) => {
             guard.info.cluster().cx_connect_fail.inc();
@@ -253,6 +264,9 @@ pub async fn handle(
                 stats.connect_fail.inc();
             }
             reset(&client);
+            if reopenable {
+                shared.stale.record(peer.port(), dst);
+            }
             access_log(dir, peer, Some(dst), (0, 0), Some(started), end, e.as_ref());
             return;
         }
@@ -264,6 +278,10 @@ pub async fn handle(
         .await;
     client.disarm();
     upstream.disarm();
+    // Every end but a clean close (FIN both ways) or the client's own reset reset the client.
+    if reopenable && !matches!(end, End::Closed | End::ClientReset) {
+        shared.stale.record(peer.port(), dst);
+    }
     match end {
         End::ClientReset => stats.client_reset.inc(),
         End::UpstreamReset => stats.upstream_reset.inc(),
@@ -281,49 +299,141 @@ pub async fn handle(
     );
 }
 
-/// Connects to the original destination from `source`. A plain non-blocking connect whose outcome is read from the
-/// readiness itself: success costs no SO_ERROR query, only a failure asks for the reason.
-async fn connect(
-    dst: SocketAddr,
+/// How to dial: from where, with which mark, within how long, and around which source ports.
+struct Dial {
     source: Source,
     mark: Option<u32>,
     timeout: Duration,
-) -> Result<TcpStream, (End, Option<io::Error>)> {
+    /// Ports (and the ephemeral range to pick others from) that must not be the source port.
+    avoid: Option<(Vec<u16>, (u16, u16))>,
+}
+
+/// Source ports tried around the stale ones before giving up; each try is a fresh socket.
+const PORT_TRIES: usize = 64;
+
+/// Connects to the original destination from `how.source`. A plain non-blocking connect
+/// whose outcome is read from the readiness itself: success costs no SO_ERROR query, only a
+/// failure asks for the reason.
+async fn connect(dst: SocketAddr, how: Dial) -> Result<TcpStream, (End, Option<io::Error>)> {
     let failed = |e: io::Error| (End::ConnectFailed, Some(e));
+    let Some((avoid, range)) = &how.avoid else {
+        let fd = start_connect(dst, &how, None).map_err(failed)?;
+        return finish_connect(fd, how.timeout).await;
+    };
+    // Ports taken by a live socket (bind) or a TIME_WAIT one (connect) fail at once: next.
+    let mut pick = PortPicker::new(*range, dst);
+    let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
+    for _ in 0..PORT_TRIES {
+        let Some(port) = pick.next(avoid) else { break };
+        match start_connect(dst, &how, Some(port)) {
+            Ok(fd) => return finish_connect(fd, how.timeout).await,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EADDRINUSE | nix::libc::EADDRNOTAVAIL)
+                ) =>
+            {
+                last = e
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Err(failed(last))
+}
+
+/// A cheap pseudo-random walk over the ephemeral range (xorshift, seeded per call): the
+/// source port only has to differ from the stale ones, not be unguessable (the kernel's own
+/// choice is no secret either).
+struct PortPicker {
+    range: (u16, u16),
+    state: u64,
+}
+
+impl PortPicker {
+    fn new(range: (u16, u16), dst: SocketAddr) -> PortPicker {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        PortPicker {
+            range,
+            state: nanos ^ (u64::from(dst.port()) << 32) | 1,
+        }
+    }
+
+    fn next(&mut self, avoid: &[u16]) -> Option<u16> {
+        let span = u64::from(self.range.1 - self.range.0) + 1;
+        if span as usize <= avoid.len() {
+            return None;
+        }
+        loop {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let port = self.range.0 + (self.state % span) as u16;
+            if avoid.binary_search(&port).is_err() {
+                return Some(port);
+            }
+        }
+    }
+}
+
+/// Creates the socket, binds it as `how` says (with `port` as the source port, if given) and
+/// starts the connect.
+fn start_connect(
+    dst: SocketAddr,
+    how: &Dial,
+    port: Option<u16>,
+) -> io::Result<std::os::fd::OwnedFd> {
     let (af, family) = match dst {
         SocketAddr::V4(_) => (AddressFamily::Inet, Family::V4),
         SocketAddr::V6(_) => (AddressFamily::Inet6, Family::V6),
     };
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let fd =
-        socket(af, SockType::Stream, flags, SockProtocol::Tcp).map_err(|e| failed(e.into()))?;
-    setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(|e| failed(e.into()))?;
-    let src = match source {
-        Source::Any => None,
+    let fd = socket(af, SockType::Stream, flags, SockProtocol::Tcp)?;
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    let src = match how.source {
+        Source::Any => port.map(|_| match family {
+            Family::V4 => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        }),
         Source::InboundSix => Some(family.inbound_source().addr()),
         Source::Transparent(ip) => {
             // Needs CAP_NET_ADMIN, kept across --user in tproxy mode.
-            setsockopt(&fd, sockopt::IpTransparent, &true).map_err(|e| failed(e.into()))?;
-            if let Some(m) = mark {
-                setsockopt(&fd, sockopt::Mark, &m).map_err(|e| failed(e.into()))?;
+            setsockopt(&fd, sockopt::IpTransparent, &true)?;
+            if let Some(m) = how.mark {
+                setsockopt(&fd, sockopt::Mark, &m)?;
             }
             Some(ip)
         }
     };
     if let Some(ip) = src {
-        // The port is picked at connect time, for the full 4-tuple: binding does not use up
-        // one of the source address's ports per connection.
-        let _ = setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
+        match port {
+            // Shared with the proxy's other upstream sockets to other destinations; the
+            // 4-tuple is checked at connect.
+            Some(_) => setsockopt(&fd, sockopt::ReuseAddr, &true)?,
+            // The port is picked at connect time, for the full 4-tuple: binding does not use
+            // up one of the source address's ports per connection.
+            None => {
+                let _ = setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
+            }
+        }
         bind(
             fd.as_raw_fd(),
-            &SockaddrStorage::from(SocketAddr::new(ip, 0)),
-        )
-        .map_err(|e| failed(e.into()))?;
+            &SockaddrStorage::from(SocketAddr::new(ip, port.unwrap_or(0))),
+        )?;
     }
     match sys_connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
-        Ok(()) | Err(Errno::EINPROGRESS) => {}
-        Err(e) => return Err(failed(e.into())),
+        Ok(()) | Err(Errno::EINPROGRESS) => Ok(fd),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Waits for a started connect, at most `timeout`.
+async fn finish_connect(
+    fd: std::os::fd::OwnedFd,
+    timeout: Duration,
+) -> Result<TcpStream, (End, Option<io::Error>)> {
+    let failed = |e: io::Error| (End::ConnectFailed, Some(e));
     let stream = TcpStream::from_std(std::net::TcpStream::from(fd)).map_err(failed)?;
     let ready =
         match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE | Interest::ERROR))

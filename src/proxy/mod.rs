@@ -13,6 +13,7 @@ mod dns;
 mod forward;
 mod listener;
 pub mod relay;
+mod stale;
 pub mod stats;
 
 use std::io;
@@ -288,6 +289,10 @@ pub struct Shared {
     dns_upstream: Option<SocketAddr>,
     /// tproxy mode: the mark for transparent connections to the app.
     tproxy_mark: Option<u32>,
+    /// App connections this proxy reset, not to be dialled from (see `stale`).
+    stale: stale::StaleTuples,
+    /// The pod's ephemeral port range, for picking source ports around `stale` ones.
+    ephemeral: (u16, u16),
 }
 
 /// Raises the soft descriptor limit to the hard one; returns the limit in force.
@@ -503,6 +508,8 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         max_connections,
         dns_upstream: dns_upstreams.first().copied(),
         tproxy_mark: (args.mode == Mode::Tproxy).then_some(args.tproxy_mark),
+        stale: stale::StaleTuples::new(stale::StaleTuples::window_from_proc()),
+        ephemeral: stale::ephemeral_range(),
     });
     let upstreams: Arc<[SocketAddr]> = dns_upstreams.clone().into();
     for sock in dns_udp {
