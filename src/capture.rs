@@ -1,5 +1,8 @@
 //! The capture commands (apply, clean, check) as library calls: config in, report out.
-//! The CLI, the CNI plugin and the tests all call these.
+//! The CLI, the CNI plugin and the tests all call these. What is the same for every engine
+//! lives here (the namespace lock, choosing the engine, the tproxy policy routing, the ::6
+//! address, the reports); writing, reading back and removing rules is the engine's
+//! ([`crate::engine::Engine`]).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -8,22 +11,21 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::{BackendChoice, CaptureConfig, Ipv6, Mode};
-use crate::netfilter::{self, Backend, FamilyState, NetfilterError};
+use crate::engine::{Engine, EngineKind, Part};
+use crate::netfilter::{self, Backend, Iptables, NetfilterError};
 use crate::netns::{self, Netns};
-use crate::plan::{self, Family, Plan, TableName, INBOUND_SOURCE_V6};
-use crate::render::join_args;
+use crate::nftables::{self, Nftables};
+use crate::plan::{self, Family, INBOUND_SOURCE_V6};
 use crate::routing;
-use crate::rules::{Saved, ShuntView};
+use crate::rules::Saved;
 
-/// Where the rules go: the namespace, the backend and the IPv6 decision, settled once.
+/// Where the rules go: the namespace (locked), the engine and the IPv6 decision, settled once.
 pub struct Target {
     pub netns: Option<Netns>,
     /// Held from the first read to the last write: one shunt at a time per namespace.
     _lock: netns::Lock,
-    pub backend: Backend,
+    pub engine: Box<dyn Engine>,
     pub ipv6: bool,
-    /// The IPv4 save read while choosing the backend, reused rather than read twice.
-    v4: Option<Saved>,
 }
 
 fn backend_available(b: Backend) -> Result<(), NetfilterError> {
@@ -41,36 +43,80 @@ pub fn holds_shunt(saved: &Saved) -> bool {
     netfilter::views(saved).iter().any(|(_, v)| !v.is_empty())
 }
 
-/// SPEC §2 `--backend auto`: the backend that already holds rules in that namespace (shunt's
-/// first, then the one with more rules), else nft, else legacy. Warns when both hold rules.
-fn choose_backend(
-    choice: BackendChoice,
-    ns: Option<&Netns>,
-) -> Result<(Backend, Option<Saved>), NetfilterError> {
-    match choice {
-        BackendChoice::Legacy => {
-            backend_available(Backend::Legacy).map(|()| (Backend::Legacy, None))
-        }
-        BackendChoice::Nft => backend_available(Backend::Nft).map(|()| (Backend::Nft, None)),
-        BackendChoice::Auto => {
-            let candidates: Vec<(Backend, Family)> = [Backend::Nft, Backend::Legacy]
-                .into_iter()
-                .filter(|b| b.available(Family::V4))
-                .map(|b| (b, Family::V4))
-                .collect();
-            let seen: Vec<(Backend, Saved)> = candidates
-                .iter()
-                .map(|(b, _)| *b)
-                .zip(netfilter::save_all(&candidates, ns)?)
-                .collect();
-            if seen.is_empty() {
-                return Err(NetfilterError::MissingTool {
-                    tool: "iptables-nft-restore or iptables-legacy-restore".into(),
+/// The iptables backends whose tools are installed, nft first.
+fn iptables_available() -> Vec<Backend> {
+    [Backend::Nft, Backend::Legacy]
+        .into_iter()
+        .filter(|b| b.available(Family::V4))
+        .collect()
+}
+
+/// Whether `nft` is installed (the nftables engine needs it; nothing else does).
+fn nft_available() -> bool {
+    netfilter::find_tool("nft").is_some()
+}
+
+/// Refuses to write with one engine while shunt's rules sit in another in the same namespace
+/// (two engines would both capture, in an order only the hook priorities decide).
+fn refuse_other_engines(kind: EngineKind, ns: Option<&Netns>) -> Result<(), NetfilterError> {
+    let mut holders: Vec<EngineKind> = Vec::new();
+    if kind != EngineKind::Nftables && nft_available() && nftables::read(ns)?.is_some() {
+        holders.push(EngineKind::Nftables);
+    }
+    if kind == EngineKind::Nftables {
+        let which: Vec<(Backend, Family)> = iptables_available()
+            .into_iter()
+            .map(|b| (b, Family::V4))
+            .collect();
+        for ((b, _), saved) in which.iter().zip(netfilter::save_all(&which, ns)?) {
+            if holds_shunt(&saved) {
+                holders.push(match b {
+                    Backend::Legacy => EngineKind::Legacy,
+                    Backend::Nft => EngineKind::Nft,
                 });
             }
-            let holding: Vec<&(Backend, Saved)> =
-                seen.iter().filter(|(_, s)| s.has_rules()).collect();
-            if holding.len() > 1 {
+        }
+    }
+    match holders.first() {
+        None => Ok(()),
+        Some(held) => Err(NetfilterError::OtherEngine {
+            wanted: kind.name(),
+            held: held.name(),
+        }),
+    }
+}
+
+/// SPEC §2 `--backend`: the engine to use in that namespace. `auto` picks shunt's native
+/// nftables table when it is already there, or when no iptables is installed at all; else
+/// the iptables backend that already holds rules (shunt's first, then the one with more
+/// rules), else nft, else legacy, warning when both hold rules. Returns the IPv4 save read
+/// on the way, so it is not read twice.
+fn choose_engine(
+    choice: BackendChoice,
+    ns: Option<&Netns>,
+) -> Result<(EngineKind, Option<Saved>), NetfilterError> {
+    let (kind, saved) = match choice {
+        BackendChoice::Legacy => {
+            backend_available(Backend::Legacy).map(|()| (EngineKind::Legacy, None))?
+        }
+        BackendChoice::Nft => backend_available(Backend::Nft).map(|()| (EngineKind::Nft, None))?,
+        BackendChoice::Nftables => (EngineKind::Nftables, None),
+        BackendChoice::Auto => {
+            let iptables = iptables_available();
+            if nft_available() && (iptables.is_empty() || nftables::read(ns)?.is_some()) {
+                return Ok((EngineKind::Nftables, None));
+            }
+            if iptables.is_empty() {
+                return Err(NetfilterError::MissingTool {
+                    tool: "iptables-nft-restore, iptables-legacy-restore or nft".into(),
+                });
+            }
+            let which: Vec<(Backend, Family)> = iptables.iter().map(|b| (*b, Family::V4)).collect();
+            let seen: Vec<(Backend, Saved)> = iptables
+                .into_iter()
+                .zip(netfilter::save_all(&which, ns)?)
+                .collect();
+            if seen.iter().filter(|(_, s)| s.has_rules()).count() > 1 {
                 tracing::warn!(
                     "both the nft and the legacy iptables backends hold rules in this namespace; \
                      mixing them makes packet paths hard to predict (see `iptables-legacy-save` \
@@ -80,9 +126,15 @@ fn choose_backend(
             let pick = pick_backend(&seen);
             let saved = seen.into_iter().find(|(b, _)| *b == pick).map(|(_, s)| s);
             tracing::debug!(backend = pick.name(), "backend chosen");
-            Ok((pick, saved))
+            let kind = match pick {
+                Backend::Legacy => EngineKind::Legacy,
+                Backend::Nft => EngineKind::Nft,
+            };
+            return Ok((kind, saved));
         }
-    }
+    };
+    refuse_other_engines(kind, ns)?;
+    Ok((kind, saved))
 }
 
 /// The `auto` rule, on the IPv4 saves of the available backends (nft first): the one that
@@ -107,10 +159,10 @@ pub fn ipv6_kernel_enabled(ns: Option<&Netns>) -> Result<bool, netns::NetnsError
     })
 }
 
-/// IPv6 is usable when the namespace has it enabled and ip6tables is installed.
+/// IPv6 is usable when the namespace has it enabled and the engine's IPv6 tools exist.
 fn ipv6_enabled(
     choice: Ipv6,
-    backend: Backend,
+    kind: EngineKind,
     ns: Option<&Netns>,
 ) -> Result<bool, NetfilterError> {
     match choice {
@@ -118,11 +170,16 @@ fn ipv6_enabled(
         Ipv6::Off => Ok(false),
         Ipv6::Auto => {
             let kernel = ipv6_kernel_enabled(ns)?;
-            let tools = backend.available(Family::V6);
+            let tools = match kind {
+                EngineKind::Nftables => true,
+                EngineKind::Legacy => Backend::Legacy.available(Family::V6),
+                EngineKind::Nft => Backend::Nft.available(Family::V6),
+            };
             if kernel && !tools {
                 tracing::warn!(
-                    "IPv6 is enabled but {} is missing: IPv6 traffic will not be captured",
-                    backend.tool(Family::V6, "restore")
+                    "IPv6 is enabled but ip6tables-{}-restore is missing: IPv6 traffic will not \
+                     be captured",
+                    kind.name()
                 );
             }
             Ok(kernel && tools)
@@ -130,17 +187,38 @@ fn ipv6_enabled(
     }
 }
 
+/// Builds the engine of `kind` for the namespace.
+fn engine(
+    kind: EngineKind,
+    ns: Option<&Netns>,
+    ipv6: bool,
+    strict: bool,
+    kept: Option<Saved>,
+) -> Result<Box<dyn Engine>, NetfilterError> {
+    Ok(match kind {
+        EngineKind::Nftables => Box::new(Nftables::new(ns.cloned())?),
+        EngineKind::Legacy => Box::new(Iptables::new(
+            Backend::Legacy,
+            ns.cloned(),
+            ipv6,
+            strict,
+            kept,
+        )),
+        EngineKind::Nft => Box::new(Iptables::new(Backend::Nft, ns.cloned(), ipv6, strict, kept)),
+    })
+}
+
 impl Target {
     pub fn resolve(cfg: &CaptureConfig) -> Result<Target, crate::Error> {
         let (netns, lock) = open_locked(cfg)?;
-        let (backend, v4) = choose_backend(cfg.backend, netns.as_ref())?;
-        let ipv6 = ipv6_enabled(cfg.ipv6, backend, netns.as_ref())?;
+        let (kind, v4) = choose_engine(cfg.backend, netns.as_ref())?;
+        let ipv6 = ipv6_enabled(cfg.ipv6, kind, netns.as_ref())?;
+        let engine = engine(kind, netns.as_ref(), ipv6, true, v4)?;
         Ok(Target {
             netns,
             _lock: lock,
-            backend,
+            engine,
             ipv6,
-            v4,
         })
     }
 
@@ -155,35 +233,6 @@ impl Target {
             vec![Family::V4]
         }
     }
-
-    /// Reads what is installed now, for each family in play (in parallel).
-    fn read(&mut self, families: &[Family]) -> Result<Vec<FamilyState>, NetfilterError> {
-        let mut kept = self.v4.take();
-        let to_read: Vec<(Backend, Family)> = families
-            .iter()
-            .filter(|f| !(**f == Family::V4 && kept.is_some()))
-            .map(|f| (self.backend, *f))
-            .collect();
-        // save_all returns one save per family asked, in order; the kept IPv4 one fills its gap.
-        let mut fresh = netfilter::save_all(&to_read, self.ns())?.into_iter();
-        families
-            .iter()
-            .map(|&family| {
-                let saved = if family == Family::V4 {
-                    kept.take()
-                } else {
-                    None
-                };
-                let saved =
-                    saved
-                        .or_else(|| fresh.next())
-                        .ok_or_else(|| NetfilterError::MissingTool {
-                            tool: self.backend.tool(family, "save"),
-                        })?;
-                Ok(FamilyState::of(family, &saved))
-            })
-            .collect()
-    }
 }
 
 /// Opens the namespace and takes its lock; every child tool from here on is bounded by the
@@ -195,41 +244,14 @@ fn open_locked(cfg: &CaptureConfig) -> Result<(Option<Netns>, netns::Lock), crat
     Ok((netns, lock))
 }
 
-/// The tproxy mark installed in a family's rules (read from the chain that sets it).
-fn installed_mark(views: &[(TableName, ShuntView)]) -> Option<u32> {
-    let (_, mangle) = views.iter().find(|(t, _)| *t == TableName::Mangle)?;
-    mangle
-        .chains
-        .get(plan::DIVERT)?
-        .iter()
-        .flat_map(|args| args.windows(2))
-        .find(|w| w[0] == "--set-xmark")
-        .and_then(|w| {
-            let m = w[1].split('/').next()?;
-            u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
-        })
-}
-
-fn desired(plan: &Plan, families: &[Family]) -> Vec<(Family, Vec<(TableName, ShuntView)>)> {
-    families
-        .iter()
-        .map(|&f| {
-            let rs = match f {
-                Family::V4 => Some(&plan.v4),
-                Family::V6 => plan.v6.as_ref(),
-            };
-            (f, netfilter::planned_views(rs))
-        })
-        .collect()
-}
-
 #[derive(Debug, Serialize)]
 pub struct ApplyReport {
-    pub backend: Backend,
+    /// The engine (`legacy`, `nft`, `nftables`).
+    pub backend: EngineKind,
     pub ipv6: bool,
     pub dry_run: bool,
-    /// The restore scripts that ran (or would run), per family; empty when nothing changed.
-    pub changes: Vec<(Family, String)>,
+    /// The scripts that ran (or would run), per part; empty when nothing changed.
+    pub changes: Vec<(Part, String)>,
 }
 
 /// The DNS servers a namespace uses: `ip netns exec` gives a named namespace
@@ -267,7 +289,7 @@ pub fn settle(cfg: &CaptureConfig) -> CaptureConfig {
     cfg
 }
 
-/// `shunt apply`: converge the namespace to the plan, atomically per family.
+/// `shunt apply`: converge the namespace to the plan, all or nothing.
 pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
     let cfg = &settle(cfg);
     let mut target = Target::resolve(cfg)?;
@@ -277,7 +299,7 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
     let address = (target.ipv6 && !dry_run)
         .then(|| add_inbound_source_v6(target.ns()))
         .transpose()?;
-    let current = target.read(&families);
+    let old_marks = target.engine.installed_marks();
     if let Some(running) = address {
         running.wait().map_err(|e| match e {
             NetfilterError::ToolFailed { stderr, .. } => NetfilterError::InboundSource {
@@ -286,20 +308,15 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
             other => other,
         })?;
     }
-    let current = current?;
-    let want = desired(&plan, &families);
+    let old_marks = old_marks?;
     let mut report = ApplyReport {
-        backend: target.backend,
+        backend: target.engine.kind(),
         ipv6: target.ipv6,
         dry_run,
         changes: Vec::new(),
     };
     if dry_run {
-        for (state, (family, views)) in current.iter().zip(&want) {
-            if let Some(script) = netfilter::converge(&state.views, views) {
-                report.changes.push((*family, script));
-            }
-        }
+        report.changes = target.engine.converge(&plan, true)?;
         return Ok(report);
     }
     // tproxy: the policy route first, so TPROXY'd packets are delivered from the first one.
@@ -317,8 +334,8 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
             }
         }
     }
-    match netfilter::apply_families(target.backend, target.ns(), &current, &want) {
-        Ok(applied) => report.changes = applied.scripts,
+    match target.engine.converge(&plan, false) {
+        Ok(changes) => report.changes = changes,
         Err(e) => {
             // Nothing half-applied: take back the routing this run added.
             for (family, r) in added {
@@ -329,12 +346,12 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
     }
     // The policy routing of a mark the rules no longer use (tproxy -> redirect, or a new
     // --tproxy-mark / --tproxy-route-table) goes with them.
-    for state in &current {
-        if let Some(old) = installed_mark(&state.views) {
-            for r in routing::remove_mark(state.family, old, None, plan.routing, target.ns())? {
+    for &family in &families {
+        for &old in &old_marks {
+            for r in routing::remove_mark(family, old, None, plan.routing, target.ns())? {
                 tracing::info!(
                     "removed stale {} policy routing: fwmark {:#x} lookup {}",
-                    state.family.name(),
+                    family.name(),
                     r.mark,
                     r.table
                 );
@@ -358,30 +375,38 @@ fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<netfilter::Running, Netfi
 
 #[derive(Debug, Serialize)]
 pub struct CleanReport {
-    pub removed: Vec<(Backend, Family, String)>,
+    pub removed: Vec<(EngineKind, Part, String)>,
 }
 
-/// `shunt clean`: remove shunt's chains and jumps, every table, both families; with
-/// `--backend auto` from every backend that has them, and the tproxy policy routing of
-/// whatever mark the rules used. Nothing else is touched. One part failing (a family whose
-/// tools are missing, say) does not stop the others: every error is reported at the end.
+/// `shunt clean`: remove shunt's rules, every table, both families; with `--backend auto`
+/// from every engine that has them, and the tproxy policy routing of whatever mark the rules
+/// used. Nothing else is touched. One part failing (a family whose tools are missing, say)
+/// does not stop the others: every error is reported at the end.
 pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
     let (netns, _lock) = open_locked(cfg)?;
     let ns = netns.as_ref();
-    let backends: Vec<Backend> = match cfg.backend {
-        BackendChoice::Legacy => vec![Backend::Legacy],
-        BackendChoice::Nft => vec![Backend::Nft],
-        BackendChoice::Auto => [Backend::Nft, Backend::Legacy]
+    let mut kinds: Vec<EngineKind> = match cfg.backend {
+        BackendChoice::Legacy => vec![EngineKind::Legacy],
+        BackendChoice::Nft => vec![EngineKind::Nft],
+        BackendChoice::Nftables => vec![EngineKind::Nftables],
+        BackendChoice::Auto => iptables_available()
             .into_iter()
-            .filter(|b| b.available(Family::V4))
+            .map(|b| match b {
+                Backend::Legacy => EngineKind::Legacy,
+                Backend::Nft => EngineKind::Nft,
+            })
             .collect(),
     };
-    if backends.is_empty() {
+    if cfg.backend == BackendChoice::Auto && nft_available() {
+        kinds.push(EngineKind::Nftables);
+    }
+    if kinds.is_empty() {
         return Err(NetfilterError::MissingTool {
-            tool: "iptables-nft-restore or iptables-legacy-restore".into(),
+            tool: "iptables-nft-restore, iptables-legacy-restore or nft".into(),
         }
         .into());
     }
+    let strict = cfg.backend != BackendChoice::Auto;
     let mut report = CleanReport { removed: vec![] };
     let mut errors: Vec<String> = Vec::new();
     // The marks whose policy routing goes once the rules are gone. One plan uses one mark
@@ -391,18 +416,17 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
     if cfg.mode == Mode::Tproxy {
         marks.push(cfg.tproxy_mark);
     }
-    for backend in backends {
-        for family in [Family::V4, Family::V6] {
-            if cfg.backend == BackendChoice::Auto && !backend.available(family) {
-                continue;
+    for kind in kinds {
+        match engine(kind, ns, true, strict, None) {
+            Ok(mut e) => {
+                let done = e.clean();
+                marks.extend(done.marks);
+                errors.extend(done.errors);
+                report
+                    .removed
+                    .extend(done.removed.into_iter().map(|(p, s)| (kind, p, s)));
             }
-            match clean_family(backend, family, ns) {
-                Ok((script, mark)) => {
-                    marks.extend(mark);
-                    report.removed.extend(script.map(|s| (backend, family, s)));
-                }
-                Err(e) => errors.push(format!("{} {}: {e}", backend.name(), family.name())),
-            }
+            Err(e) => errors.push(format!("{}: {e}", kind.name())),
         }
     }
     marks.sort_unstable();
@@ -437,27 +461,12 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
     }
 }
 
-/// Converges one family of one backend to nothing: the script that ran (if any) and the
-/// tproxy mark its rules used (if any).
-fn clean_family(
-    backend: Backend,
-    family: Family,
-    ns: Option<&Netns>,
-) -> Result<(Option<String>, Option<u32>), NetfilterError> {
-    let saved = netfilter::save(backend, family, ns)?;
-    let state = FamilyState::of(family, &saved);
-    let mark = installed_mark(&state.views);
-    let empty = [(family, netfilter::planned_views(None))];
-    let applied = netfilter::apply_families(backend, ns, std::slice::from_ref(&state), &empty)?;
-    Ok((applied.scripts.into_iter().next().map(|(_, s)| s), mark))
-}
-
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
-    pub backend: Backend,
+    pub backend: EngineKind,
     pub ipv6: bool,
-    /// A unified-style diff per family (`-` installed only, `+` planned only); empty = in sync.
-    pub drift: Vec<(Family, Vec<String>)>,
+    /// A unified-style diff per part (`-` installed only, `+` planned only); empty = in sync.
+    pub drift: Vec<(Part, Vec<String>)>,
 }
 
 impl CheckReport {
@@ -471,19 +480,11 @@ pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
     let cfg = &settle(cfg);
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
-    // Read both families: IPv6 rules left behind while IPv6 is off are drift too.
-    let all = [Family::V4, Family::V6];
-    let families: Vec<Family> = all
-        .into_iter()
-        .filter(|f| *f == Family::V4 || target.ipv6 || target.backend.available(*f))
-        .collect();
-    let current = target.read(&families)?;
-    let want = desired(&plan, &families);
-    let mut drift = Vec::new();
-    for (state, (family, views)) in current.iter().zip(&want) {
-        let mut lines = diff(&view_lines(&state.views), &view_lines(views));
-        if let (Some(r), true) = (plan.routing, *family == Family::V4 || target.ipv6) {
-            let (rule, route) = routing::present(*family, r, target.ns())?;
+    let mut drift = target.engine.drift(&plan)?;
+    if let Some(r) = plan.routing {
+        for family in target.families() {
+            let (rule, route) = routing::present(family, r, target.ns())?;
+            let mut lines = Vec::new();
             if !rule {
                 lines.push(format!(
                     "+ ip rule: fwmark {:#x} lookup {}",
@@ -496,81 +497,30 @@ pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
                     r.table
                 ));
             }
-        }
-        if !lines.is_empty() {
-            drift.push((*family, lines));
+            if lines.is_empty() {
+                continue;
+            }
+            match drift.iter_mut().find(|(p, _)| *p == family.into()) {
+                Some((_, l)) => l.extend(lines),
+                None => drift.push((family.into(), lines)),
+            }
         }
     }
     Ok(CheckReport {
-        backend: target.backend,
+        backend: target.engine.kind(),
         ipv6: target.ipv6,
         drift,
     })
 }
 
-/// A view as restore-style lines, in a stable order, for diffing.
-fn view_lines(views: &[(TableName, ShuntView)]) -> Vec<String> {
-    let mut out = Vec::new();
-    for (t, v) in views {
-        if v.is_empty() {
-            continue;
-        }
-        out.push(format!("*{}", t.as_str()));
-        for (chain, rules) in &v.jumps {
-            for r in rules {
-                out.push(format!("-A {chain} {}", join_args(r)));
-            }
-        }
-        for (chain, rules) in &v.chains {
-            out.push(format!(":{chain}"));
-            for r in rules {
-                out.push(format!("-A {chain} {}", join_args(r)));
-            }
-        }
-    }
-    out
-}
-
-/// A minimal line diff (longest common subsequence): `-` lines only in `a`, `+` only in `b`.
-fn diff(a: &[String], b: &[String]) -> Vec<String> {
-    if a == b {
-        return Vec::new();
-    }
-    let (n, m) = (a.len(), b.len());
-    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
-    for i in (0..n).rev() {
-        for j in (0..m).rev() {
-            lcs[i][j] = if a[i] == b[j] {
-                lcs[i + 1][j + 1] + 1
-            } else {
-                lcs[i + 1][j].max(lcs[i][j + 1])
-            };
-        }
-    }
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < n || j < m {
-        if i < n && j < m && a[i] == b[j] {
-            i += 1;
-            j += 1;
-        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
-            out.push(format!("- {}", a[i]));
-            i += 1;
-        } else {
-            out.push(format!("+ {}", b[j]));
-            j += 1;
-        }
-    }
-    out
-}
-
-/// The drift report as text: one block per family.
+/// The drift report as text: one block per part.
 pub fn drift_text(report: &CheckReport) -> String {
     let mut s = String::new();
-    for (family, lines) in &report.drift {
+    for (part, lines) in &report.drift {
         let _ = writeln!(
             s,
-            "{} ({} backend): installed (-) vs plan (+)",
-            family.name(),
+            "{} ({} engine): installed (-) vs plan (+)",
+            part.name(),
             report.backend.name()
         );
         for l in lines {
@@ -578,23 +528,4 @@ pub fn drift_text(report: &CheckReport) -> String {
         }
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::diff;
-
-    fn v(s: &[&str]) -> Vec<String> {
-        s.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn diff_marks_missing_and_extra_lines() {
-        assert!(diff(&v(&["a", "b"]), &v(&["a", "b"])).is_empty());
-        assert_eq!(
-            diff(&v(&["a", "x", "c"]), &v(&["a", "b", "c"])),
-            v(&["- x", "+ b"])
-        );
-        assert_eq!(diff(&v(&[]), &v(&["a"])), v(&["+ a"]));
-    }
 }

@@ -154,7 +154,8 @@ raw_options! {
     drop_invalid: "SHUNT_DROP_INVALID", flag;
     /// IPv6 rules: on, off, or auto (on when the namespace has IPv6) [default: auto]
     ipv6: "SHUNT_IPV6";
-    /// iptables backend: legacy, nft, or auto (the one holding rules, else nft) [default: auto]
+    /// Engine: legacy (iptables-legacy), nft (iptables-nft), nftables (native `inet shunt`
+    /// table), or auto (the one holding shunt's rules, else iptables-nft) [default: auto]
     backend: "SHUNT_BACKEND";
     /// Network namespace to act in: /run/netns/NAME or /proc/PID/ns/net [default: current]
     netns: "SHUNT_NETNS";
@@ -317,8 +318,12 @@ pub enum Ipv6 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendChoice {
+    /// iptables-legacy
     Legacy,
+    /// iptables-nft (the iptables dialect over nf_tables)
     Nft,
+    /// shunt's native nftables engine: one `inet shunt` table
+    Nftables,
     Auto,
 }
 
@@ -679,6 +684,7 @@ impl RawOptions {
                 &[
                     ("legacy", BackendChoice::Legacy),
                     ("nft", BackendChoice::Nft),
+                    ("nftables", BackendChoice::Nftables),
                     ("auto", BackendChoice::Auto),
                 ],
             )?,

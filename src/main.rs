@@ -164,6 +164,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             let plan = plan::build(&cfg, cfg.ipv6 != config::Ipv6::Off);
             if output.json() {
                 print_json(&serde_json::json!({ "config": cfg, "plan": plan }));
+            } else if cfg.backend == config::BackendChoice::Nftables {
+                print(&shunt::nftables::transaction(&plan));
             } else {
                 print(&render::plan_text(&plan));
             }

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::engine::{Cleaned, Engine, EngineKind, Part};
 use crate::netns::{self, Netns};
-use crate::plan::{Family, Ruleset, TableName};
+use crate::plan::{Family, Plan, Ruleset, TableName};
 use crate::render::{join_args, rule_args};
 use crate::rules::{self, ShuntView};
 
@@ -86,6 +87,14 @@ pub enum NetfilterError {
     },
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    #[error(
+        "shunt's rules are held by the {held} engine in this namespace; to use {wanted}, \
+         run `shunt clean --backend {held}` first (two engines would both capture)"
+    )]
+    OtherEngine {
+        wanted: &'static str,
+        held: &'static str,
+    },
     #[error("not everything could be removed: {}", errors.join("; "))]
     Incomplete { errors: Vec<String> },
     #[error(
@@ -93,6 +102,11 @@ pub enum NetfilterError {
          run `shunt check` to see what is installed, then `shunt apply` again (or `shunt clean`)"
     )]
     RollbackFailed { cause: String, rollback: String },
+}
+
+/// A tool's path, when it is installed.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    find_on_path(tool)
 }
 
 fn find_on_path(tool: &str) -> Option<PathBuf> {
@@ -560,6 +574,215 @@ fn cause_tool(e: &NetfilterError) -> &str {
         | NetfilterError::Timeout { tool, .. }
         | NetfilterError::MissingTool { tool } => tool,
         _ => "restore",
+    }
+}
+
+// === The iptables engines (legacy and nft) behind the engine seam ===
+
+/// The tproxy mark installed in a family's rules (read from the chain that sets it).
+fn installed_mark(views: &[(TableName, ShuntView)]) -> Option<u32> {
+    let (_, mangle) = views.iter().find(|(t, _)| *t == TableName::Mangle)?;
+    mangle
+        .chains
+        .get(crate::plan::DIVERT)?
+        .iter()
+        .flat_map(|args| args.windows(2))
+        .find(|w| w[0] == "--set-xmark")
+        .and_then(|w| {
+            let m = w[1].split('/').next()?;
+            u32::from_str_radix(m.trim_start_matches("0x"), 16).ok()
+        })
+}
+
+/// The plan's views for each family asked (none for a family the plan leaves out).
+fn desired(plan: &Plan, families: &[Family]) -> Vec<(Family, Vec<(TableName, ShuntView)>)> {
+    families
+        .iter()
+        .map(|&f| {
+            let rs = match f {
+                Family::V4 => Some(&plan.v4),
+                Family::V6 => plan.v6.as_ref(),
+            };
+            (f, planned_views(rs))
+        })
+        .collect()
+}
+
+/// A view as restore-style lines, in a stable order, for diffing.
+fn view_lines(views: &[(TableName, ShuntView)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (t, v) in views {
+        if v.is_empty() {
+            continue;
+        }
+        out.push(format!("*{}", t.as_str()));
+        for (chain, rules) in &v.jumps {
+            for r in rules {
+                out.push(format!("-A {chain} {}", join_args(r)));
+            }
+        }
+        for (chain, rules) in &v.chains {
+            out.push(format!(":{chain}"));
+            for r in rules {
+                out.push(format!("-A {chain} {}", join_args(r)));
+            }
+        }
+    }
+    out
+}
+
+/// One iptables backend in one namespace: shunt's chains in the tables of each family,
+/// converged with one `iptables-restore --noflush` per family.
+pub struct Iptables {
+    backend: Backend,
+    ns: Option<Netns>,
+    ipv6: bool,
+    /// An explicit `--backend`: a family whose tools are missing is an error, not skipped.
+    strict: bool,
+    /// What was read, per family, reused by the steps of one command.
+    read: Vec<(Family, FamilyState)>,
+}
+
+impl Iptables {
+    /// `kept`: an IPv4 save already read (while choosing the backend), reused.
+    pub fn new(
+        backend: Backend,
+        ns: Option<Netns>,
+        ipv6: bool,
+        strict: bool,
+        kept: Option<rules::Saved>,
+    ) -> Iptables {
+        Iptables {
+            backend,
+            ns,
+            ipv6,
+            strict,
+            read: kept
+                .map(|s| vec![(Family::V4, FamilyState::of(Family::V4, &s))])
+                .unwrap_or_default(),
+        }
+    }
+
+    fn families(&self) -> Vec<Family> {
+        if self.ipv6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
+
+    /// What is installed for each family asked (the missing ones read side by side).
+    fn states(&mut self, families: &[Family]) -> Result<Vec<FamilyState>, NetfilterError> {
+        let missing: Vec<(Backend, Family)> = families
+            .iter()
+            .filter(|f| !self.read.iter().any(|(g, _)| g == *f))
+            .map(|f| (self.backend, *f))
+            .collect();
+        for ((_, f), saved) in missing.iter().zip(save_all(&missing, self.ns.as_ref())?) {
+            self.read.push((*f, FamilyState::of(*f, &saved)));
+        }
+        Ok(families
+            .iter()
+            .filter_map(|f| {
+                self.read
+                    .iter()
+                    .find(|(g, _)| g == f)
+                    .map(|(_, s)| s.clone())
+            })
+            .collect())
+    }
+}
+
+impl Engine for Iptables {
+    fn kind(&self) -> EngineKind {
+        match self.backend {
+            Backend::Legacy => EngineKind::Legacy,
+            Backend::Nft => EngineKind::Nft,
+        }
+    }
+
+    fn installed_marks(&mut self) -> Result<Vec<u32>, NetfilterError> {
+        let families = self.families();
+        let mut marks: Vec<u32> = self
+            .states(&families)?
+            .iter()
+            .filter_map(|s| installed_mark(&s.views))
+            .collect();
+        marks.dedup();
+        Ok(marks)
+    }
+
+    fn converge(
+        &mut self,
+        plan: &Plan,
+        dry_run: bool,
+    ) -> Result<Vec<(Part, String)>, NetfilterError> {
+        let families = self.families();
+        let current = self.states(&families)?;
+        let want = desired(plan, &families);
+        let scripts = if dry_run {
+            current
+                .iter()
+                .zip(&want)
+                .filter_map(|(state, (f, views))| converge(&state.views, views).map(|s| (*f, s)))
+                .collect()
+        } else {
+            apply_families(self.backend, self.ns.as_ref(), &current, &want)?.scripts
+        };
+        Ok(scripts.into_iter().map(|(f, s)| (f.into(), s)).collect())
+    }
+
+    fn drift(&mut self, plan: &Plan) -> Result<Vec<(Part, Vec<String>)>, NetfilterError> {
+        // Both families: IPv6 rules left behind while IPv6 is off are drift too.
+        let families: Vec<Family> = [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| *f == Family::V4 || self.ipv6 || self.backend.available(*f))
+            .collect();
+        let current = self.states(&families)?;
+        Ok(current
+            .iter()
+            .zip(desired(plan, &families))
+            .filter_map(|(state, (f, views))| {
+                let lines = crate::engine::diff(&view_lines(&state.views), &view_lines(&views));
+                (!lines.is_empty()).then(|| (f.into(), lines))
+            })
+            .collect())
+    }
+
+    fn clean(&mut self) -> Cleaned {
+        let mut out = Cleaned::default();
+        for family in [Family::V4, Family::V6] {
+            if !self.strict && !self.backend.available(family) {
+                continue;
+            }
+            let result = self.states(&[family]).and_then(|states| {
+                let state =
+                    states
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| NetfilterError::MissingTool {
+                            tool: self.backend.tool(family, "save"),
+                        })?;
+                out.marks.extend(installed_mark(&state.views));
+                let empty = [(family, planned_views(None))];
+                apply_families(
+                    self.backend,
+                    self.ns.as_ref(),
+                    std::slice::from_ref(&state),
+                    &empty,
+                )
+            });
+            match result {
+                Ok(applied) => out
+                    .removed
+                    .extend(applied.scripts.into_iter().map(|(f, s)| (f.into(), s))),
+                Err(e) => {
+                    out.errors
+                        .push(format!("{} {}: {e}", self.backend.name(), family.name()))
+                }
+            }
+        }
+        out
     }
 }
 

@@ -19,6 +19,15 @@ enum Landed {
     Nowhere,
 }
 
+/// What an engine has installed in the namespace, as text.
+fn installed(ns: &Ns, backend: &str) -> String {
+    if backend == "nftables" {
+        ns.must(&["nft", "list", "table", "inet", "shunt"])
+    } else {
+        ns.iptables_save(backend, false)
+    }
+}
+
 fn sa(host: &str, port: u16) -> SocketAddr {
     hp(host, port).parse().unwrap()
 }
@@ -96,7 +105,7 @@ fn capture_semantics(backend: &str) {
         "--exclude-inbound-ports",
         "9090",
     ]));
-    let save = t.pod.iptables_save(backend, false);
+    let save = installed(&t.pod, backend);
     assert!(
         save.contains("SHUNT_OUTPUT"),
         "rules not in {backend}:\n{save}"
@@ -231,17 +240,24 @@ fn capture_semantics_nft() {
 }
 
 #[test]
+fn capture_semantics_nftables() {
+    require_netns!();
+    capture_semantics("nftables");
+}
+
+#[test]
 fn capture_semantics_legacy() {
     require_netns!();
     capture_semantics("legacy");
 }
 
-#[test]
-fn include_lists_capture_only_what_they_name() {
+fn include_lists_capture_only_what_they_name_on(backend: &str) {
     require_netns!();
     let t = Topology::new();
     ok(&t.pod.shunt(&[
         "apply",
+        "--backend",
+        backend,
         "--outbound-cidrs",
         "10.200.1.0/24",
         "--outbound-ports",
@@ -277,6 +293,16 @@ fn include_lists_capture_only_what_they_name() {
     for (from, dst, want) in cases {
         assert_eq!(p.probe(from, 1000, 1000, None, &dst), want, "{dst}");
     }
+}
+
+#[test]
+fn include_lists_capture_only_what_they_name() {
+    include_lists_capture_only_what_they_name_on("nft");
+}
+
+#[test]
+fn include_lists_capture_only_what_they_name_nftables() {
+    include_lists_capture_only_what_they_name_on("nftables");
 }
 
 #[test]
@@ -720,13 +746,18 @@ fn dry_run_prints_and_changes_nothing() {
         .contains("::6/128"));
 }
 
-#[test]
-fn virt_interfaces_traffic_is_outbound() {
+fn virt_interfaces_traffic_is_outbound_on(backend: &str) {
     require_netns!();
     let t = Topology::new();
-    ok(&t
-        .pod
-        .shunt(&["apply", "--virt-interfaces", "eth0", "--ipv6", "on"]));
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--backend",
+        backend,
+        "--virt-interfaces",
+        "eth0",
+        "--ipv6",
+        "on",
+    ]));
     let p = Probe::new(&t);
     for pod_ip in [POD_V4, POD_V6] {
         // A VM behind eth0 dialling anything: the outbound port, with the address it dialled.
@@ -736,6 +767,16 @@ fn virt_interfaces_traffic_is_outbound() {
             "{pod_ip}"
         );
     }
+}
+
+#[test]
+fn virt_interfaces_traffic_is_outbound() {
+    virt_interfaces_traffic_is_outbound_on("nft");
+}
+
+#[test]
+fn virt_interfaces_traffic_is_outbound_nftables() {
+    virt_interfaces_traffic_is_outbound_on("nftables");
 }
 
 /// A UDP socket made inside `ns` with the given fsuid/fsgid (what the owner match sees).
@@ -764,13 +805,14 @@ fn recv(s: &std::net::UdpSocket) -> Option<(String, SocketAddr)> {
     ))
 }
 
-#[test]
-fn dns_capture_redirects_queries_to_the_dns_port() {
+fn dns_capture_redirects_queries_to_the_dns_port_on(backend: &str) {
     require_netns!();
     let t = Topology::new();
     let servers = format!("{REMOTE_V4},{REMOTE_V6}");
     ok(&t.pod.shunt(&[
         "apply",
+        "--backend",
+        backend,
         "--redirect-dns",
         "--dns-servers",
         &servers,
@@ -821,6 +863,8 @@ fn dns_capture_redirects_queries_to_the_dns_port() {
     // --capture-all-dns: every destination's DNS is captured.
     ok(&t.pod.shunt(&[
         "apply",
+        "--backend",
+        backend,
         "--redirect-dns",
         "--capture-all-dns",
         "--ipv6",
@@ -833,6 +877,16 @@ fn dns_capture_redirects_queries_to_the_dns_port() {
         recv(&remote).is_none(),
         "a captured query also reached the server"
     );
+}
+
+#[test]
+fn dns_capture_redirects_queries_to_the_dns_port() {
+    dns_capture_redirects_queries_to_the_dns_port_on("nft");
+}
+
+#[test]
+fn dns_capture_redirects_queries_to_the_dns_port_nftables() {
+    dns_capture_redirects_queries_to_the_dns_port_on("nftables");
 }
 
 /// `shunt istio-iptables` with Istio's flag sets: probes land where Istio's documented
@@ -1102,14 +1156,15 @@ fn transparent_listener(ns: &Ns, addr: SocketAddr) -> TcpListener {
 /// tproxy mode without the proxy: a transparent listener on 15006 gets the peer's connection
 /// with the peer's own address and the app's address as its local address; a transparent,
 /// marked connection from the client's address reaches the app, whose replies come back.
-#[test]
-fn tproxy_delivers_inbound_with_the_client_address() {
+fn tproxy_delivers_inbound_with_the_client_address_on(backend: &str) {
     use nix::sys::socket::{self as s, SockaddrStorage};
     use std::os::fd::AsRawFd;
     require_netns!();
     let t = Topology::new();
     ok(&t.pod.shunt(&[
         "apply",
+        "--backend",
+        backend,
         "--mode",
         "tproxy",
         "--inbound-ports",
@@ -1156,6 +1211,16 @@ fn tproxy_delivers_inbound_with_the_client_address() {
     assert!(!t.pod.iptables_save("nft", false).contains("SHUNT"));
 }
 
+#[test]
+fn tproxy_delivers_inbound_with_the_client_address() {
+    tproxy_delivers_inbound_with_the_client_address_on("nft");
+}
+
+#[test]
+fn tproxy_delivers_inbound_with_the_client_address_nftables() {
+    tproxy_delivers_inbound_with_the_client_address_on("nftables");
+}
+
 /// The pod kernel's count of TCP resets sent (`Tcp: ... OutRsts` in /proc/net/snmp).
 fn out_rsts(ns: &Ns) -> u64 {
     let snmp = ns.must(&["cat", "/proc/net/snmp"]);
@@ -1170,8 +1235,7 @@ fn out_rsts(ns: &Ns) -> u64 {
 
 /// --drop-invalid: a stray ACK that conntrack cannot place (strict tracking) makes the app's
 /// kernel answer with a reset; with --drop-invalid it is dropped before it gets there.
-#[test]
-fn drop_invalid_stops_stray_resets() {
+fn drop_invalid_stops_stray_resets_on(backend: &str) {
     require_netns!();
     if !std::path::Path::new("/usr/sbin/hping3").exists() {
         eprintln!("SKIPPED: /usr/sbin/hping3 missing (apt-get install hping3)");
@@ -1199,7 +1263,7 @@ fn drop_invalid_stops_stray_resets() {
         (&["--ipv6", "off"][..], 1),
         (&["--ipv6", "off", "--drop-invalid"], 0),
     ] {
-        let mut args = vec!["apply"];
+        let mut args = vec!["apply", "--backend", backend];
         args.extend_from_slice(flags);
         ok(&t.pod.shunt(&args));
         // Strict tracking: a packet without SYN cannot start a connection, so it is INVALID.
@@ -1207,6 +1271,16 @@ fn drop_invalid_stops_stray_resets() {
             .must(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
         assert_eq!(stray(&t), want, "{flags:?}");
     }
+}
+
+#[test]
+fn drop_invalid_stops_stray_resets() {
+    drop_invalid_stops_stray_resets_on("nft");
+}
+
+#[test]
+fn drop_invalid_stops_stray_resets_nftables() {
+    drop_invalid_stops_stray_resets_on("nftables");
 }
 
 /// istio-iptables with TPROXY (-m TPROXY -t -r) and with DNS capture (servers from the pod's
@@ -1278,12 +1352,13 @@ fn istio_iptables_tproxy_and_dns() {
 
 /// --proxy-port / --inbound-port move the capture ports; --exclude-interfaces lets an
 /// interface's traffic through untouched, both ways.
-#[test]
-fn ports_and_excluded_interfaces_change_real_traffic() {
+fn ports_and_excluded_interfaces_change_real_traffic_on(backend: &str) {
     require_netns!();
     let t = Topology::new();
     ok(&t.pod.shunt(&[
         "apply",
+        "--backend",
+        backend,
         "--proxy-port",
         "16001",
         "--inbound-port",
@@ -1301,9 +1376,15 @@ fn ports_and_excluded_interfaces_change_real_traffic() {
     assert_eq!(original_dst(&s), sa(POD_V4, 8080));
     drop((out, inb));
 
-    ok(&t
-        .pod
-        .shunt(&["apply", "--exclude-interfaces", "eth0", "--ipv6", "on"]));
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--backend",
+        backend,
+        "--exclude-interfaces",
+        "eth0",
+        "--ipv6",
+        "on",
+    ]));
     let p = Probe::new(&t);
     for (pod_ip, remote_ip) in [(POD_V4, REMOTE_V4), (POD_V6, REMOTE_V6)] {
         assert_eq!(
@@ -1315,4 +1396,14 @@ fn ports_and_excluded_interfaces_change_real_traffic() {
             Landed::Direct("pod:8080")
         );
     }
+}
+
+#[test]
+fn ports_and_excluded_interfaces_change_real_traffic() {
+    ports_and_excluded_interfaces_change_real_traffic_on("nft");
+}
+
+#[test]
+fn ports_and_excluded_interfaces_change_real_traffic_nftables() {
+    ports_and_excluded_interfaces_change_real_traffic_on("nftables");
 }

@@ -230,6 +230,11 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     let backend = match cfg.backend {
         crate::config::BackendChoice::Legacy => Backend::Legacy,
         crate::config::BackendChoice::Nft => Backend::Nft,
+        crate::config::BackendChoice::Nftables => {
+            // The same refusal as explain's, with its reason.
+            crate::explain::rules_from_namespace(cfg.backend, Family::V4, ns)?;
+            Backend::Nft
+        }
         // The same rule as apply's, on the same saves.
         crate::config::BackendChoice::Auto => capture::pick_backend(
             &saves

@@ -344,6 +344,17 @@ pub fn rules_from_namespace(
     let candidates: Vec<Backend> = match backend {
         BackendChoice::Legacy => vec![Backend::Legacy],
         BackendChoice::Nft => vec![Backend::Nft],
+        // Never a guess: explain does not evaluate native nftables chains yet.
+        BackendChoice::Nftables => {
+            return Err(usage(
+                "--backend",
+                "nftables",
+                "explain and doctor read the iptables engines only so far; for the nftables \
+                 engine, `shunt check --backend nftables` compares the table with the plan and \
+                 `nft list table inet shunt` shows it",
+            )
+            .into())
+        }
         BackendChoice::Auto => [Backend::Nft, Backend::Legacy]
             .into_iter()
             .filter(|b| b.available(family))

@@ -1,0 +1,695 @@
+//! The native nftables engine: the same [`Plan`] as the iptables engines, written as one
+//! `inet shunt` table and installed in one `nft -f` transaction.
+//!
+//! Layout. Each iptables table and built-in chain the plan uses becomes one base chain of the
+//! `inet` table (`nat_output`, `mangle_prerouting`, ...), which hands each family to that
+//! family's copy of the plan: `meta nfproto ipv4 jump v4_nat_OUTPUT`. Every plan chain becomes
+//! a regular chain named `{family}_{table}_{chain}` (`v4_nat_SHUNT_OUTPUT`), rule for rule, so
+//! both families keep exactly the order and meaning they have on iptables. Consecutive rules
+//! that differ in one address, port or owner list become one rule over a set: a per-family
+//! named interval set for addresses (aggregated, so what is read back is what was written),
+//! an anonymous set for ports and ids. A 1,000-CIDR exclusion list is one set lookup.
+//!
+//! Priorities. Each base chain runs just before the iptables table it stands for (10 lower:
+//! raw -310, mangle -160, nat -110), never tied with it. For NAT the first binding a new
+//! connection gets is kept, so shunt's redirect wins over another tool's iptables DNAT in the
+//! same namespace; for raw and mangle, shunt's zones and marks are set before iptables sees the
+//! packet.
+//!
+//! Read back. `nft list table inet shunt` prints the table in nft's own canonical text; the
+//! renderer writes exactly that text, so "installed == planned" is a comparison of lines and
+//! `check` shows a line diff.
+
+use ipnet::IpNet;
+use std::fmt::Write as _;
+
+use crate::config::{IdRange, PortRange};
+use crate::engine::{Cleaned, Engine, EngineKind, Part};
+use crate::netfilter::{spawn_tool, NetfilterError};
+use crate::netns::Netns;
+use crate::plan::{Family, Match, Owner, Plan, Proto, Rule, Ruleset, TableName, Target};
+
+/// The table shunt owns; nothing outside it is ever touched.
+pub const TABLE: &str = "shunt";
+
+/// The oldest nft whose syntax and output this renderer relies on.
+const MIN_VERSION: (u32, u32, u32) = (0, 9, 3);
+
+fn fam_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+fn nfproto(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    }
+}
+
+fn l3(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// The base chain standing for one iptables built-in chain: name, type, hook, priority (as
+/// nft prints it).
+fn base_chain(
+    table: TableName,
+    builtin: &str,
+) -> Option<(String, &'static str, &'static str, &'static str)> {
+    let hook = match builtin {
+        "PREROUTING" => "prerouting",
+        "OUTPUT" => "output",
+        _ => return None,
+    };
+    let (kind, prio) = match (table, hook) {
+        (TableName::Raw, _) => ("filter", "raw - 10"),
+        // mangle OUTPUT reroutes when a mark changes, as iptables' does (tproxy replies).
+        (TableName::Mangle, "output") => ("route", "mangle - 10"),
+        (TableName::Mangle, _) => ("filter", "mangle - 10"),
+        (TableName::Nat, "prerouting") => ("nat", "dstnat - 10"),
+        (TableName::Nat, _) => ("nat", "-110"),
+        (TableName::Filter, _) => ("filter", "filter - 10"),
+    };
+    Some((format!("{}_{hook}", table.as_str()), kind, hook, prio))
+}
+
+/// The kind of list a rule's match can be merged into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Saddr,
+    Daddr,
+    Dports,
+    Uid,
+    Gid,
+}
+
+fn slot_of(m: &Match) -> Option<Slot> {
+    match m {
+        Match::Source { negate: false, .. } => Some(Slot::Saddr),
+        Match::Destination { negate: false, .. } => Some(Slot::Daddr),
+        Match::DestinationPorts { negate: false, .. } => Some(Slot::Dports),
+        Match::Owner {
+            kind: Owner::Uid,
+            negate: false,
+            ..
+        } => Some(Slot::Uid),
+        Match::Owner {
+            kind: Owner::Gid,
+            negate: false,
+            ..
+        } => Some(Slot::Gid),
+        _ => None,
+    }
+}
+
+/// The one position where `a` and `b` differ, when that is all that differs and the match
+/// there can be a list.
+fn merge_slot(a: &Rule, b: &Rule) -> Option<usize> {
+    if a.target != b.target || a.matches.len() != b.matches.len() {
+        return None;
+    }
+    let mut diff = a
+        .matches
+        .iter()
+        .zip(&b.matches)
+        .enumerate()
+        .filter(|(_, (x, y))| x != y);
+    let (i, (x, y)) = diff.next()?;
+    if diff.next().is_some() {
+        return None;
+    }
+    (slot_of(x).is_some() && slot_of(x) == slot_of(y)).then_some(i)
+}
+
+/// A chain's rules grouped: runs that differ in one list match, with that match's position.
+fn groups(rules: &[Rule]) -> Vec<(&[Rule], Option<usize>)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < rules.len() {
+        let mut end = start + 1;
+        let slot = rules.get(end).and_then(|r| merge_slot(&rules[start], r));
+        if let Some(i) = slot {
+            while end < rules.len() && merge_slot(&rules[start], &rules[end]) == Some(i) {
+                end += 1;
+            }
+        }
+        out.push((&rules[start..end], slot.filter(|_| end - start > 1)));
+        start = end;
+    }
+    out
+}
+
+fn proto_of(rule: &Rule) -> Option<Proto> {
+    rule.matches.iter().find_map(|m| match m {
+        Match::Protocol(p) => Some(*p),
+        _ => None,
+    })
+}
+
+fn ports_text(ports: &[PortRange]) -> String {
+    let one = |p: &PortRange| {
+        if p.first == p.last {
+            p.first.to_string()
+        } else {
+            format!("{}-{}", p.first, p.last)
+        }
+    };
+    match ports {
+        [p] => one(p),
+        _ => format!(
+            "{{ {} }}",
+            ports.iter().map(one).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// Overlapping or touching port ranges joined, sorted (nft refuses overlapping intervals).
+fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
+    ports.sort();
+    let mut out: Vec<PortRange> = Vec::new();
+    for p in ports {
+        match out.last_mut() {
+            Some(last) if u32::from(p.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(p.last)
+            }
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+fn ids_text(ids: &[IdRange]) -> String {
+    match ids {
+        [id] => id.to_string(),
+        _ => {
+            let mut ids = ids.to_vec();
+            ids.sort_by_key(|i| (i.first, i.last));
+            ids.dedup();
+            format!(
+                "{{ {} }}",
+                ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    }
+}
+
+/// How nft prints a prefix: a host address bare, a network as `a/len`.
+fn net_text(n: &IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.trunc().to_string()
+    }
+}
+
+fn mark(m: u32) -> String {
+    format!("0x{m:08x}")
+}
+
+/// One rule as nft prints it; `list` replaces the match at `slot` by a set reference or an
+/// anonymous set.
+fn rule_text(
+    family: Family,
+    rule: &Rule,
+    slot: Option<(usize, &str)>,
+    chain_of: &dyn Fn(&str) -> String,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let neg = |n: bool| if n { "!= " } else { "" };
+    let listed = |i: usize| slot.filter(|(s, _)| *s == i).map(|(_, t)| t.to_string());
+    let l3 = l3(family);
+    for (i, m) in rule.matches.iter().enumerate() {
+        if let Match::Source { net, negate } = m {
+            let v = listed(i).unwrap_or_else(|| net_text(net));
+            parts.push(format!("{l3} saddr {}{v}", neg(*negate)));
+        }
+    }
+    for (i, m) in rule.matches.iter().enumerate() {
+        if let Match::Destination { net, negate } = m {
+            let v = listed(i).unwrap_or_else(|| net_text(net));
+            parts.push(format!("{l3} daddr {}{v}", neg(*negate)));
+        }
+    }
+    for m in &rule.matches {
+        match m {
+            Match::InInterface { name, negate } => {
+                parts.push(format!("iifname {}\"{name}\"", neg(*negate)))
+            }
+            Match::OutInterface { name, negate } => {
+                parts.push(format!("oifname {}\"{name}\"", neg(*negate)))
+            }
+            _ => {}
+        }
+    }
+    let proto = proto_of(rule);
+    let proto_name = proto.unwrap_or(Proto::Tcp).as_str();
+    let mut header_match = false;
+    for (i, m) in rule.matches.iter().enumerate() {
+        match m {
+            Match::DestinationPorts { ports, negate } => {
+                header_match = true;
+                let v = listed(i).unwrap_or_else(|| ports_text(&merge_ports(ports.clone())));
+                parts.push(format!("{proto_name} dport {}{v}", neg(*negate)));
+            }
+            Match::SourcePort(p) => {
+                header_match = true;
+                parts.push(format!("{proto_name} sport {p}"));
+            }
+            _ => {}
+        }
+    }
+    // nft drops an explicit `meta l4proto` that a port match already implies.
+    if let (Some(p), false) = (proto, header_match) {
+        parts.push(format!("meta l4proto {}", p.as_str()));
+    }
+    for (i, m) in rule.matches.iter().enumerate() {
+        match m {
+            Match::Owner { kind, id, negate } => {
+                let key = match kind {
+                    Owner::Uid => "skuid",
+                    Owner::Gid => "skgid",
+                };
+                let v = listed(i).unwrap_or_else(|| id.to_string());
+                parts.push(format!("meta {key} {}{v}", neg(*negate)));
+            }
+            Match::CtInvalid => parts.push("ct state invalid".into()),
+            Match::CtEstablished => parts.push("ct state established,related".into()),
+            Match::Mark(m) => parts.push(format!("meta mark {}", mark(*m))),
+            Match::Connmark(m) => parts.push(format!("ct mark {}", mark(*m))),
+            _ => {}
+        }
+    }
+    parts.push(match &rule.target {
+        Target::Jump { chain } => format!("jump {}", chain_of(chain)),
+        Target::Return => "return".into(),
+        Target::Redirect { to_port } => format!("redirect to :{to_port}"),
+        Target::Drop => "drop".into(),
+        Target::Accept => "accept".into(),
+        Target::CtZone { zone } => format!("ct zone set {zone}"),
+        Target::SetMark { mark: m } => format!("meta mark set {}", mark(*m)),
+        Target::SaveMark => "ct mark set meta mark".into(),
+        Target::RestoreMark => "meta mark set ct mark".into(),
+        Target::Tproxy { to_port, mark: m } => {
+            format!(
+                "tproxy {l3} to :{to_port} meta mark set {} accept",
+                mark(*m)
+            )
+        }
+    });
+    parts.join(" ")
+}
+
+struct Set {
+    name: String,
+    family: Family,
+    nets: Vec<IpNet>,
+}
+
+/// The `inet shunt` table for a plan, exactly as `nft list table inet shunt` prints it.
+pub fn render(plan: &Plan) -> String {
+    let mut sets: Vec<Set> = Vec::new();
+    let mut chains: Vec<(String, Vec<String>)> = Vec::new();
+    // (base chain, its header) in the order of first use, with the per-family dispatch rules.
+    let mut bases: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rs in plan.families() {
+        family_chains(rs, &mut sets, &mut chains, &mut bases);
+    }
+    let mut out = format!("table inet {TABLE} {{\n");
+    let mut blocks: Vec<String> = Vec::new();
+    for s in &sets {
+        let kind = match s.family {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        };
+        let elems: Vec<String> = s.nets.iter().map(net_text).collect();
+        blocks.push(format!(
+            "\tset {} {{\n\t\ttype {kind}\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n",
+            s.name,
+            elems.join(", ")
+        ));
+    }
+    for (name, rules) in &chains {
+        let mut b = format!("\tchain {name} {{\n");
+        for r in rules {
+            let _ = writeln!(b, "\t\t{r}");
+        }
+        b.push_str("\t}\n");
+        blocks.push(b);
+    }
+    for (name, header, rules) in &bases {
+        let mut b = format!("\tchain {name} {{\n\t\t{header}\n");
+        for r in rules {
+            let _ = writeln!(b, "\t\t{r}");
+        }
+        b.push_str("\t}\n");
+        blocks.push(b);
+    }
+    out.push_str(&blocks.join("\n"));
+    out.push_str("}\n");
+    out
+}
+
+fn family_chains(
+    rs: &Ruleset,
+    sets: &mut Vec<Set>,
+    chains: &mut Vec<(String, Vec<String>)>,
+    bases: &mut Vec<(String, String, Vec<String>)>,
+) {
+    let f = rs.family;
+    for table in &rs.tables {
+        let t = table.name.as_str();
+        let chain_of = |c: &str| format!("{}_{t}_{c}", fam_name(f));
+        for chain in &table.chains {
+            let name = chain_of(&chain.name);
+            let mut lines = Vec::new();
+            for (n, (run, slot)) in groups(&chain.rules).into_iter().enumerate() {
+                let Some(i) = slot else {
+                    lines.push(rule_text(f, &run[0], None, &chain_of));
+                    continue;
+                };
+                let list = match &run[0].matches[i] {
+                    Match::Source { .. } | Match::Destination { .. } => {
+                        let nets: Vec<IpNet> = run
+                            .iter()
+                            .filter_map(|r| match &r.matches[i] {
+                                Match::Source { net, .. } | Match::Destination { net, .. } => {
+                                    Some(net.trunc())
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        let set = format!("{name}_{n}");
+                        sets.push(Set {
+                            name: set.clone(),
+                            family: f,
+                            nets: IpNet::aggregate(&nets),
+                        });
+                        format!("@{set}")
+                    }
+                    Match::DestinationPorts { .. } => ports_text(&merge_ports(
+                        run.iter()
+                            .flat_map(|r| match &r.matches[i] {
+                                Match::DestinationPorts { ports, .. } => ports.clone(),
+                                _ => vec![],
+                            })
+                            .collect(),
+                    )),
+                    _ => ids_text(
+                        &run.iter()
+                            .filter_map(|r| match &r.matches[i] {
+                                Match::Owner { id, .. } => Some(*id),
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                };
+                lines.push(rule_text(f, &run[0], Some((i, &list)), &chain_of));
+            }
+            chains.push((name.clone(), lines));
+            if chain.builtin {
+                if let Some((base, kind, hook, prio)) = base_chain(table.name, &chain.name) {
+                    let dispatch = format!("meta nfproto {} jump {name}", nfproto(f));
+                    match bases.iter_mut().find(|(b, _, _)| *b == base) {
+                        Some((_, _, rules)) => rules.push(dispatch),
+                        None => bases.push((
+                            base,
+                            format!("type {kind} hook {hook} priority {prio}; policy accept;"),
+                            vec![dispatch],
+                        )),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transaction that replaces the whole table: the kernel holds the old table or the new
+/// one, never a mix, and nothing of an older plan survives.
+pub fn transaction(plan: &Plan) -> String {
+    format!(
+        "add table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        render(plan)
+    )
+}
+
+/// A listing as comparable lines: nft wraps long element lists over several lines (after a
+/// comma); those are joined, indentation and blank lines dropped.
+pub fn lines(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match out.last_mut() {
+            Some(prev) if prev.ends_with(',') => {
+                prev.push(' ');
+                prev.push_str(l);
+            }
+            _ => out.push(l.to_string()),
+        }
+    }
+    out
+}
+
+/// `nft --version` at least [`MIN_VERSION`], else a clear refusal.
+pub fn preflight(ns: Option<&Netns>) -> Result<(), NetfilterError> {
+    let out = spawn_tool("nft", &["--version"], None, ns)?.wait()?;
+    let version = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .and_then(|v| {
+            let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+        });
+    match version {
+        Some(v) if v >= MIN_VERSION => Ok(()),
+        _ => Err(NetfilterError::ToolFailed {
+            tool: "nft".into(),
+            status: format!("version {}", out.trim()),
+            stderr: format!(
+                "--backend nftables needs nft {}.{}.{} or newer (Debian: apt-get install nftables)",
+                MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2
+            ),
+        }),
+    }
+}
+
+/// shunt's table as installed, or `None` when there is none.
+pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
+    match spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns)?.wait() {
+        Ok(text) => Ok(Some(text)),
+        Err(NetfilterError::ToolFailed { stderr, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs an `nft -f -` transaction.
+pub fn run(script: &str, ns: Option<&Netns>) -> Result<(), NetfilterError> {
+    spawn_tool("nft", &["-f", "-"], Some(script), ns)?
+        .wait()
+        .map(drop)
+}
+
+/// The tproxy marks a listing sets (for `clean` to remove their policy routing).
+pub fn marks(listing: &str) -> Vec<u32> {
+    let mut out: Vec<u32> = listing
+        .split("meta mark set ")
+        .skip(1)
+        .filter_map(|rest| {
+            let word = rest.split_whitespace().next()?;
+            u32::from_str_radix(word.strip_prefix("0x")?, 16).ok()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+// === The engine ===
+
+/// shunt's `inet shunt` table in one namespace.
+pub struct Nftables {
+    ns: Option<Netns>,
+    /// The listing read once per command: `Some(None)` when there is no table.
+    listing: Option<Option<String>>,
+}
+
+impl Nftables {
+    /// Checks `nft` is there and recent enough.
+    pub fn new(ns: Option<Netns>) -> Result<Nftables, NetfilterError> {
+        preflight(ns.as_ref())?;
+        Ok(Nftables { ns, listing: None })
+    }
+
+    fn installed(&mut self) -> Result<Option<String>, NetfilterError> {
+        if self.listing.is_none() {
+            self.listing = Some(read(self.ns.as_ref())?);
+        }
+        Ok(self.listing.clone().flatten())
+    }
+}
+
+impl Engine for Nftables {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Nftables
+    }
+
+    fn installed_marks(&mut self) -> Result<Vec<u32>, NetfilterError> {
+        Ok(self.installed()?.map(|t| marks(&t)).unwrap_or_default())
+    }
+
+    fn converge(
+        &mut self,
+        plan: &Plan,
+        dry_run: bool,
+    ) -> Result<Vec<(Part, String)>, NetfilterError> {
+        let want = render(plan);
+        if self.installed()?.map(|t| lines(&t)) == Some(lines(&want)) {
+            return Ok(Vec::new());
+        }
+        let script = transaction(plan);
+        if !dry_run {
+            run(&script, self.ns.as_ref())?;
+            self.listing = None;
+        }
+        Ok(vec![(Part::Inet, script)])
+    }
+
+    fn drift(&mut self, plan: &Plan) -> Result<Vec<(Part, Vec<String>)>, NetfilterError> {
+        let now = self.installed()?.map(|t| lines(&t)).unwrap_or_default();
+        let d = crate::engine::diff(&now, &lines(&render(plan)));
+        Ok(if d.is_empty() {
+            vec![]
+        } else {
+            vec![(Part::Inet, d)]
+        })
+    }
+
+    fn clean(&mut self) -> Cleaned {
+        let mut out = Cleaned::default();
+        match self.installed() {
+            Ok(None) => {}
+            Ok(Some(text)) => {
+                out.marks = marks(&text);
+                let script = format!("delete table inet {TABLE}\n");
+                match run(&script, self.ns.as_ref()) {
+                    Ok(()) => out.removed.push((Part::Inet, script)),
+                    Err(e) => out.errors.push(format!("nftables: {e}")),
+                }
+            }
+            Err(e) => out.errors.push(format!("nftables: {e}")),
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawOptions;
+    use crate::plan;
+
+    fn plan_of(pairs: RawOptions) -> Plan {
+        plan::build(&pairs.resolve().unwrap(), true)
+    }
+
+    #[test]
+    fn the_default_plan_is_two_families_behind_two_base_chains() {
+        let text = render(&plan::build(&Default::default(), true));
+        assert!(text.starts_with("table inet shunt {\n"), "{text}");
+        assert!(text.contains("\tchain nat_output {\n\t\ttype nat hook output priority -110; policy accept;\n\t\tmeta nfproto ipv4 jump v4_nat_OUTPUT\n\t\tmeta nfproto ipv6 jump v6_nat_OUTPUT\n"), "{text}");
+        assert!(
+            text.contains("type nat hook prerouting priority dstnat - 10;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\t\tip saddr 127.0.0.6 oifname \"lo\" return\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\t\tip6 saddr ::6 oifname \"lo\" return\n"),
+            "{text}"
+        );
+        assert!(text.contains("\t\tip daddr != 127.0.0.0/8 oifname \"lo\" meta skuid 1337 jump v4_nat_SHUNT_INBOUND\n"), "{text}");
+        assert!(
+            text.contains("\t\ttcp dport { 15001, 15006 } return\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\t\tmeta l4proto tcp redirect to :15001\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cidr_lists_become_aggregated_sets_and_port_lists_one_rule() {
+        let p = plan_of(RawOptions {
+            exclude_outbound_cidrs: Some(
+                "10.0.0.0/9,10.128.0.0/9,10.1.0.0/16,192.168.1.1,fd00::/8".into(),
+            ),
+            exclude_outbound_ports: Some(
+                (1..=40)
+                    .map(|i| (i * 100).to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            proxy_uid: Some("1337,2000-2002".into()),
+            ..Default::default()
+        });
+        let text = render(&p);
+        // 10.0.0.0/9 + 10.128.0.0/9 = 10.0.0.0/8, which holds 10.1.0.0/16.
+        assert!(
+            text.contains("elements = { 10.0.0.0/8, 192.168.1.1 }"),
+            "{text}"
+        );
+        assert!(
+            text.contains("type ipv6_addr\n\t\tflags interval\n\t\telements = { fd00::/8 }"),
+            "{text}"
+        );
+        assert!(text.contains("ip daddr @v4_nat_SHUNT_OUTBOUND_"), "{text}");
+        // 40 ports were three multiport rules on iptables: one set here.
+        assert_eq!(text.matches("tcp dport { 100, 200,").count(), 2, "{text}");
+        assert!(
+            text.contains("meta skuid { 1337, 2000-2002 } return"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn listings_join_wrapped_element_lines() {
+        let listed = "table inet shunt {\n\tset s {\n\t\telements = { 10.0.0.0/8,\n\t\t\t     192.168.0.0/16 }\n\t}\n\n\tchain c {\n\t}\n}\n";
+        assert_eq!(
+            lines(listed),
+            [
+                "table inet shunt {",
+                "set s {",
+                "elements = { 10.0.0.0/8, 192.168.0.0/16 }",
+                "}",
+                "chain c {",
+                "}",
+                "}"
+            ]
+        );
+    }
+
+    #[test]
+    fn marks_are_read_from_a_listing() {
+        let p = plan_of(RawOptions {
+            mode: Some("tproxy".into()),
+            tproxy_mark: Some("7".into()),
+            ..Default::default()
+        });
+        assert_eq!(marks(&render(&p)), [7]);
+        assert!(marks(&render(&plan::build(&Default::default(), true))).is_empty());
+    }
+}
