@@ -104,8 +104,7 @@ fn udp_lookup(pod: &Ns, id: u16, wait: Duration) -> Option<[u8; 4]> {
     answer_addr(id, &buf[..n])
 }
 
-#[test]
-fn app_lookups_resolve_through_the_proxy_and_fail_without_it() {
+fn app_lookups_resolve_through_the_proxy_and_fail_without_it_on(engine: &str) {
     require_netns!();
     if !std::path::Path::new(DNSMASQ).exists() {
         eprintln!("SKIPPED: {DNSMASQ} missing (apt-get install dnsmasq-base)");
@@ -130,7 +129,7 @@ fn app_lookups_resolve_through_the_proxy_and_fail_without_it() {
         "--ipv6",
         "off",
     ];
-    let mut apply = vec!["apply"];
+    let mut apply = vec!["apply", "--backend", engine];
     apply.extend(servers);
     let out = t.pod.shunt(&apply);
     assert!(
@@ -164,4 +163,14 @@ fn app_lookups_resolve_through_the_proxy_and_fail_without_it() {
         "{}",
         proxy.get("/stats")
     );
+}
+
+#[test]
+fn app_lookups_resolve_through_the_proxy_and_fail_without_it() {
+    app_lookups_resolve_through_the_proxy_and_fail_without_it_on("auto");
+}
+
+#[test]
+fn app_lookups_resolve_through_the_proxy_and_fail_without_it_nftables() {
+    app_lookups_resolve_through_the_proxy_and_fail_without_it_on("nftables");
 }

@@ -88,7 +88,15 @@ fn concurrent_applies_end_in_one_plan(backend: &str) {
             in_sync.len(),
             1,
             "round {round}: the namespace matches plans {in_sync:?}, not exactly one\n{}",
-            ns.iptables_save(backend, false)
+            if backend == "nftables" {
+                ns.exec(&["nft", "list", "ruleset"])
+                    .stdout
+                    .iter()
+                    .map(|b| *b as char)
+                    .collect()
+            } else {
+                ns.iptables_save(backend, false)
+            }
         );
         // The plan that holds must be one whose applier succeeded.
         assert_eq!(results[in_sync[0]].0, Some(0), "round {round}");
@@ -99,6 +107,12 @@ fn concurrent_applies_end_in_one_plan(backend: &str) {
 fn concurrent_applies_end_in_one_plan_nft() {
     require_netns!();
     concurrent_applies_end_in_one_plan("nft");
+}
+
+#[test]
+fn concurrent_applies_end_in_one_plan_nftables() {
+    require_netns!();
+    concurrent_applies_end_in_one_plan("nftables");
 }
 
 #[test]

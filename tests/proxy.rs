@@ -28,12 +28,11 @@ fn app_connect(t: &Topology, addr: &str) -> TcpStream {
     s
 }
 
-#[test]
-fn http_request_from_the_app_goes_through_the_proxy_and_is_counted() {
+fn http_request_from_the_app_goes_through_the_proxy_and_is_counted_on(engine: &str) {
     require_netns!();
     let t = Topology::new();
     let _www = HttpServer::start(&t.remote, 8080, "hello from the remote\n");
-    let proxy = Proxy::start(&t, &[]);
+    let proxy = Proxy::start_on(&t, engine, &[]);
     // --user 1337: bound as root, then running as 1337:1337 with no capabilities.
     let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
     assert!(
@@ -80,6 +79,16 @@ fn http_request_from_the_app_goes_through_the_proxy_and_is_counted() {
         "{line}"
     );
     assert!(line.contains("client=10.200.0.2:"), "{line}");
+}
+
+#[test]
+fn http_request_from_the_app_goes_through_the_proxy_and_is_counted() {
+    http_request_from_the_app_goes_through_the_proxy_and_is_counted_on("auto");
+}
+
+#[test]
+fn http_request_from_the_app_goes_through_the_proxy_and_is_counted_nftables() {
+    http_request_from_the_app_goes_through_the_proxy_and_is_counted_on("nftables");
 }
 
 /// 64 MiB each way at the same time through the proxy, verified byte by byte.
@@ -158,11 +167,10 @@ fn inbound_round_trip(t: &Topology, proxy: &Proxy, listen: &str, pod: &str, peer
     );
 }
 
-#[test]
-fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
+fn inbound_reaches_the_app_from_127_0_0_6_and_6_on(engine: &str) {
     require_netns!();
     let t = Topology::new();
-    let proxy = Proxy::start(&t, &[]);
+    let proxy = Proxy::start_on(&t, engine, &[]);
     for (listen, pod, source) in [
         ("0.0.0.0:8080", POD_V4, "127.0.0.6"),
         ("[::]:8081", POD_V6, "::6"),
@@ -172,10 +180,27 @@ fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
 }
 
 #[test]
-fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works() {
+fn inbound_reaches_the_app_from_127_0_0_6_and_6() {
+    inbound_reaches_the_app_from_127_0_0_6_and_6_on("auto");
+}
+
+#[test]
+fn inbound_reaches_the_app_from_127_0_0_6_and_6_nftables() {
+    inbound_reaches_the_app_from_127_0_0_6_and_6_on("nftables");
+}
+
+fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works_on(engine: &str) {
     require_netns!();
     let t = Topology::new();
-    let out = t.pod.shunt(&["apply", "--mode", "tproxy", "--ipv6", "on"]);
+    let out = t.pod.shunt(&[
+        "apply",
+        "--backend",
+        engine,
+        "--mode",
+        "tproxy",
+        "--ipv6",
+        "on",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -213,6 +238,16 @@ fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works() {
     let c = app_connect(&t, &hp(REMOTE_V4, 9600));
     echo(&c, b"out").unwrap();
     assert!(proxy.cluster("outbound|10.200.0.1:9600").is_some());
+}
+
+#[test]
+fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works() {
+    tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works_on("auto");
+}
+
+#[test]
+fn tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works_nftables() {
+    tproxy_mode_the_app_sees_the_real_client_and_outbound_still_works_on("nftables");
 }
 
 #[test]

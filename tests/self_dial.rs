@@ -106,6 +106,12 @@ fn churn_to_a_refusing_port_never_loops_back_nft() {
 }
 
 #[test]
+fn churn_to_a_refusing_port_never_loops_back_nftables() {
+    require_netns!();
+    churn(&Topology::new(), "nftables");
+}
+
+#[test]
 fn churn_to_a_refusing_port_never_loops_back_legacy() {
     require_netns!();
     churn(&Topology::new(), "legacy");

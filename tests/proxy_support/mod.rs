@@ -25,7 +25,12 @@ pub struct Proxy {
 impl Proxy {
     /// Installs the capture rules in the pod and starts the proxy; waits for `/ready`.
     pub fn start(t: &Topology, extra: &[&str]) -> Proxy {
-        let out = t.pod.shunt(&["apply"]);
+        Proxy::start_on(t, "auto", extra)
+    }
+
+    /// Like [`Proxy::start`], with the rules installed by one engine (`--backend`).
+    pub fn start_on(t: &Topology, engine: &str, extra: &[&str]) -> Proxy {
+        let out = t.pod.shunt(&["apply", "--backend", engine]);
         assert!(
             out.status.success(),
             "shunt apply: {}",
