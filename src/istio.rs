@@ -147,6 +147,9 @@ pub struct IstioArgs {
     /// After applying, prove capture works (`shunt validate`)
     #[arg(long = "run-validation", env = "RUN_VALIDATION")]
     pub run_validation: bool,
+    /// Write native nftables (shunt's `inet shunt` table) instead of iptables rules
+    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES")]
+    pub native_nftables: bool,
 }
 
 fn some(s: &str) -> Option<String> {
@@ -217,6 +220,7 @@ impl IstioArgs {
             redirect_dns: flag(self.redirect_dns),
             capture_all_dns: flag(self.capture_all_dns),
             drop_invalid: flag(self.drop_invalid),
+            backend: self.native_nftables.then(|| "nftables".to_string()),
             ..Default::default()
         })
     }

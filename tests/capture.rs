@@ -1286,6 +1286,39 @@ fn drop_invalid_stops_stray_resets_nftables() {
 /// istio-iptables with TPROXY (-m TPROXY -t -r) and with DNS capture (servers from the pod's
 /// resolv.conf, as Istio reads them).
 #[test]
+fn istio_iptables_native_nftables_writes_the_nftables_engine() {
+    require_netns!();
+    let ns = Ns::new("istio-nft");
+    let out = shunt_command()
+        .args([
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+        ])
+        .args([
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--native-nftables",
+            "--netns",
+            &ns.path(),
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+    let table = ns.must(&["nft", "list", "table", "inet", "shunt"]);
+    assert!(table.contains("redirect to :15001"), "{table}");
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT_"));
+}
+
+#[test]
 fn istio_iptables_tproxy_and_dns() {
     require_netns!();
     let t = Topology::new();

@@ -281,6 +281,43 @@ fn chained_after_bridge_for_each_cni_version() {
 }
 
 #[test]
+fn the_nftables_engine_through_add_check_and_del() {
+    require_cni!();
+    let rt = Runtime::new();
+    let plugins = [rt.bridge_conf(), shunt_conf(json!({"backend": "nftables"}))];
+    let results = rt
+        .add_all("1.0.0", &plugins, "IgnoreUnknown=1")
+        .unwrap_or_else(|o| panic!("{} {}", o.stdout, o.stderr));
+    let result = results[1].clone();
+    let table = rt.pod.must(&["nft", "list", "table", "inet", "shunt"]);
+    assert!(table.contains("v4_nat_SHUNT_OUTPUT"), "{table}");
+    assert!(!rt.pod.iptables_save("nft", false).contains("SHUNT_"));
+    let (capture, nodes) = listeners(&rt, &[8080]);
+    assert_eq!(
+        lands(&rt, &capture, &nodes[0], 8080),
+        Some(format!("{GATEWAY}:8080").parse().unwrap()),
+        "the app's connection was not captured"
+    );
+    rt.check("1.0.0", &plugins, &result)
+        .unwrap_or_else(|o| panic!("{} {}", o.stdout, o.stderr));
+    rt.pod.must(&[
+        "nft",
+        "flush",
+        "chain",
+        "inet",
+        "shunt",
+        "v4_nat_SHUNT_OUTBOUND",
+    ]);
+    let err = rt
+        .check("1.0.0", &plugins, &result)
+        .expect_err("CHECK must fail after drift");
+    assert_eq!(err.stdout["code"], 100, "{}", err.stdout);
+    rt.del("1.0.0", &plugins, &result, &rt.pod.path());
+    let gone = rt.pod.exec(&["nft", "list", "table", "inet", "shunt"]);
+    assert!(!gone.status.success(), "DEL left the table");
+}
+
+#[test]
 fn del_succeeds_when_the_namespace_is_gone() {
     require_cni!();
     let rt = Runtime::new();
