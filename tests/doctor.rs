@@ -180,6 +180,35 @@ fn with_shunt_in_both_backends_doctor_inspects_the_one_apply_writes() {
 }
 
 #[test]
+fn doctor_names_the_nftables_engine_and_warns_when_two_engines_hold_rules() {
+    require_netns!();
+    let ns = Ns::new("doc-engines");
+    apply(&ns, &["--backend", "nftables", "--ipv6", "off"]);
+    let (_, text) = doctor(&ns, &["--ipv6", "off"]);
+    let l = line(&text, "engine");
+    assert!(
+        l.starts_with("warn") && l.contains("nftables engine"),
+        "{text}"
+    );
+    // A second engine by hand (apply itself refuses to mix them).
+    ns.must(&["iptables-nft", "-t", "nat", "-N", "SHUNT_OUTPUT"]);
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "SHUNT_OUTPUT",
+    ]);
+    let (_, text) = doctor(&ns, &["--ipv6", "off"]);
+    let l = line(&text, "engine");
+    assert!(l.contains("two engines"), "{text}");
+}
+
+#[test]
 fn ipv6_on_without_ipv6_rules_fails() {
     require_netns!();
     let t = Topology::new();

@@ -244,6 +244,31 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
                 .collect::<Vec<_>>(),
         ),
     };
+    // The native nftables engine: doctor reports it; its per-chain checks read iptables only.
+    let nft_table =
+        netfilter::find_tool("nft").is_some() && crate::nftables::read(ns).ok().flatten().is_some();
+    if nft_table {
+        checks.push(if with_shunt.is_empty() {
+            check(
+                "engine",
+                Status::Warn,
+                "shunt's rules are in the nftables engine (table inet shunt); the chain checks \
+                 below read the iptables engines only",
+            )
+            .hint("`shunt check --backend nftables` compares the table with the plan")
+        } else {
+            check(
+                "engine",
+                Status::Warn,
+                format!(
+                    "shunt's rules are in two engines: nftables (table inet shunt) and iptables \
+                     ({}); both capture, in hook-priority order",
+                    with_shunt.iter().copied().collect::<Vec<_>>().join(" and ")
+                ),
+            )
+            .hint("remove one: `shunt clean --backend nftables` or `shunt clean --backend legacy|nft`")
+        });
+    }
     checks.push(match holding.len() {
         0 => check(
             "backend",
