@@ -26,6 +26,8 @@ pub struct Target {
     _lock: netns::Lock,
     pub engine: Box<dyn Engine>,
     pub ipv6: bool,
+    /// The look at the other engines, confirmed before anything is written.
+    probe: Option<Probe>,
 }
 
 fn backend_available(b: Backend) -> Result<(), NetfilterError> {
@@ -56,33 +58,69 @@ fn nft_available() -> bool {
     netfilter::find_tool("nft").is_some()
 }
 
-/// Refuses to write with one engine while shunt's rules sit in another in the same namespace
-/// (two engines would both capture, in an order only the hook priorities decide).
-fn refuse_other_engines(kind: EngineKind, ns: Option<&Netns>) -> Result<(), NetfilterError> {
-    let mut holders: Vec<EngineKind> = Vec::new();
-    if kind != EngineKind::Nftables && nft_available() && nftables::read(ns)?.is_some() {
-        holders.push(EngineKind::Nftables);
-    }
-    if kind == EngineKind::Nftables {
-        let which: Vec<(Backend, Family)> = iptables_available()
-            .into_iter()
-            .map(|b| (b, Family::V4))
-            .collect();
-        for ((b, _), saved) in which.iter().zip(netfilter::save_all(&which, ns)?) {
-            if holds_shunt(&saved) {
-                holders.push(match b {
+/// The look for shunt's rules in the other engines, started early so it runs beside the
+/// engine's own read; [`Probe::finish`] refuses to write with one engine while shunt's rules
+/// sit in another (two engines would both capture, in an order only hook priorities decide).
+struct Probe {
+    wanted: EngineKind,
+    nft: Option<netfilter::Running>,
+    saves: Vec<(EngineKind, netfilter::Running)>,
+}
+
+impl Probe {
+    fn start(wanted: EngineKind, ns: Option<&Netns>) -> Result<Probe, NetfilterError> {
+        let mut probe = Probe {
+            wanted,
+            nft: None,
+            saves: Vec::new(),
+        };
+        if wanted == EngineKind::Nftables {
+            for b in iptables_available() {
+                let kind = match b {
                     Backend::Legacy => EngineKind::Legacy,
                     Backend::Nft => EngineKind::Nft,
-                });
+                };
+                probe.saves.push((
+                    kind,
+                    netfilter::spawn_tool(&b.tool(Family::V4, "save"), &[], None, ns)?,
+                ));
+            }
+        } else if nft_available() {
+            probe.nft = Some(netfilter::spawn_tool(
+                "nft",
+                &["list", "table", "inet", nftables::TABLE],
+                None,
+                ns,
+            )?);
+        }
+        Ok(probe)
+    }
+
+    fn finish(self) -> Result<(), NetfilterError> {
+        let mut held = None;
+        if let Some(run) = self.nft {
+            // nft fails (no such table) when the engine holds nothing.
+            if run.wait().is_ok() {
+                held = Some(EngineKind::Nftables);
             }
         }
-    }
-    match holders.first() {
-        None => Ok(()),
-        Some(held) => Err(NetfilterError::OtherEngine {
-            wanted: kind.name(),
-            held: held.name(),
-        }),
+        for (kind, run) in self.saves {
+            let text = run.wait()?;
+            let saved = crate::rules::parse(&text).map_err(|source| NetfilterError::Parse {
+                tool: format!("iptables-{}-save", kind.name()),
+                source,
+            })?;
+            if holds_shunt(&saved) {
+                held.get_or_insert(kind);
+            }
+        }
+        match held {
+            None => Ok(()),
+            Some(held) => Err(NetfilterError::OtherEngine {
+                wanted: self.wanted.name(),
+                held: held.name(),
+            }),
+        }
     }
 }
 
@@ -90,11 +128,11 @@ fn refuse_other_engines(kind: EngineKind, ns: Option<&Netns>) -> Result<(), Netf
 /// nftables table when it is already there, or when no iptables is installed at all; else
 /// the iptables backend that already holds rules (shunt's first, then the one with more
 /// rules), else nft, else legacy, warning when both hold rules. Returns the IPv4 save read
-/// on the way, so it is not read twice.
+/// on the way, so it is not read twice, and, for an explicit engine, the probe of the others.
 fn choose_engine(
     choice: BackendChoice,
     ns: Option<&Netns>,
-) -> Result<(EngineKind, Option<Saved>), NetfilterError> {
+) -> Result<(EngineKind, Option<Saved>, Option<Probe>), NetfilterError> {
     let (kind, saved) = match choice {
         BackendChoice::Legacy => {
             backend_available(Backend::Legacy).map(|()| (EngineKind::Legacy, None))?
@@ -104,7 +142,7 @@ fn choose_engine(
         BackendChoice::Auto => {
             let iptables = iptables_available();
             if nft_available() && (iptables.is_empty() || nftables::read(ns)?.is_some()) {
-                return Ok((EngineKind::Nftables, None));
+                return Ok((EngineKind::Nftables, None, None));
             }
             if iptables.is_empty() {
                 return Err(NetfilterError::MissingTool {
@@ -130,11 +168,10 @@ fn choose_engine(
                 Backend::Legacy => EngineKind::Legacy,
                 Backend::Nft => EngineKind::Nft,
             };
-            return Ok((kind, saved));
+            return Ok((kind, saved, None));
         }
     };
-    refuse_other_engines(kind, ns)?;
-    Ok((kind, saved))
+    Ok((kind, saved, Some(Probe::start(kind, ns)?)))
 }
 
 /// The `auto` rule, on the IPv4 saves of the available backends (nft first): the one that
@@ -211,7 +248,7 @@ fn engine(
 impl Target {
     pub fn resolve(cfg: &CaptureConfig) -> Result<Target, crate::Error> {
         let (netns, lock) = open_locked(cfg)?;
-        let (kind, v4) = choose_engine(cfg.backend, netns.as_ref())?;
+        let (kind, v4, probe) = choose_engine(cfg.backend, netns.as_ref())?;
         let ipv6 = ipv6_enabled(cfg.ipv6, kind, netns.as_ref())?;
         let engine = engine(kind, netns.as_ref(), ipv6, true, v4)?;
         Ok(Target {
@@ -219,7 +256,13 @@ impl Target {
             _lock: lock,
             engine,
             ipv6,
+            probe,
         })
+    }
+
+    /// Fails when another engine holds shunt's rules (see [`Probe`]).
+    fn alone(&mut self) -> Result<(), NetfilterError> {
+        self.probe.take().map_or(Ok(()), Probe::finish)
     }
 
     fn ns(&self) -> Option<&Netns> {
@@ -309,6 +352,7 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
         })?;
     }
     let old_marks = old_marks?;
+    target.alone()?;
     let mut report = ApplyReport {
         backend: target.engine.kind(),
         ipv6: target.ipv6,
@@ -481,6 +525,7 @@ pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
     let mut drift = target.engine.drift(&plan)?;
+    target.alone()?;
     if let Some(r) = plan.routing {
         for family in target.families() {
             let (rule, route) = routing::present(family, r, target.ns())?;
