@@ -477,20 +477,18 @@ fn ipv6_failure_rolls_back_ipv4() {
     ]));
     let before = saves(&ns, "nft");
     let stub = failing_v6_restore();
-    let out = common::shunt_command()
-        .args([
+    let out = stub.shunt(
+        &ns,
+        &[
             "apply",
             "--backend",
             "nft",
             "--ipv6",
             "on",
-            "--netns",
-            &ns.path(),
-        ])
-        .args(["--exclude-outbound-ports", "22"])
-        .env("PATH", stub.path_with_system())
-        .output()
-        .unwrap();
+            "--exclude-outbound-ports",
+            "22",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -654,11 +652,7 @@ fn runtime_faults_exit_1_with_the_cause() {
         "#!/bin/sh\nsed 's/^COMMIT$/-A SHUNT_OUTPUT -j NO_SUCH_TARGET_X\\nCOMMIT/' | \
          /usr/sbin/iptables-nft-restore \"$@\"\n",
     );
-    let out = common::shunt_command()
-        .args(["apply", "--backend", "nft", "--netns", &ns.path()])
-        .env("PATH", dir.path_with_system())
-        .output()
-        .unwrap();
+    let out = dir.shunt(&ns, &["apply", "--backend", "nft"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let (v4, v6) = saves(&ns, "nft");
     assert!(!v4.contains("SHUNT") && !v6.contains("SHUNT"), "{v4}{v6}");

@@ -185,25 +185,20 @@ fn failure_in_the_last_table_leaves_both_families_as_they_were(backend: &'static
     ]));
     let before = saves(&ns, backend);
     let stub = failing_last_table(backend);
-    let out = shunt_command()
-        .args([
+    let out = stub.shunt(
+        &ns,
+        &[
             "apply",
             "--backend",
             backend,
             "--ipv6",
             "on",
-            "--netns",
-            &ns.path(),
-        ])
-        .args([
             "--redirect-dns",
             "--dns-servers",
-            "10.200.0.53,fd00:5::53",
+            "10.200.0.53, fd00:5::53",
             "--drop-invalid",
-        ])
-        .env("PATH", stub.path_with_system())
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("rolling back"), "{}", stderr(&out));
     assert_eq!(
@@ -240,20 +235,20 @@ fn a_hung_restore_is_killed_at_the_wait_and_the_other_family_rolled_back() {
          rc=$?\nrm -f \"$in\"\nexit $rc\n",
     );
     let started = Instant::now();
-    let out = shunt_command()
-        .args([
+    let out = dir.shunt(
+        &ns,
+        &[
             "apply",
             "--backend",
             "nft",
             "--ipv6",
             "on",
-            "--netns",
-            &ns.path(),
-        ])
-        .args(["--exclude-outbound-ports", "2222", "--wait", "2s"])
-        .env("PATH", dir.path_with_system())
-        .output()
-        .unwrap();
+            "--exclude-outbound-ports",
+            "2222",
+            "--wait",
+            "2s",
+        ],
+    );
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
@@ -337,11 +332,7 @@ fn clean_goes_on_past_a_failing_family_and_reports_it() {
         "ip6tables-nft-save",
         "#!/bin/sh\necho 'ip6tables-nft-save: simulated failure' >&2\nexit 4\n",
     );
-    let out = shunt_command()
-        .args(["clean", "--backend", "nft", "--netns", &ns.path()])
-        .env("PATH", dir.path_with_system())
-        .output()
-        .unwrap();
+    let out = dir.shunt(&ns, &["clean", "--backend", "nft"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("simulated failure"),
@@ -518,25 +509,20 @@ fn a_rollback_in_a_fresh_namespace_leaves_no_empty_tables_behind() {
     // IPv4 succeeds and creates its tables; IPv6 fails, so IPv4 is rolled back.
     let stub = failing_last_table("nft");
     std::fs::remove_file(stub.0.join("iptables-nft-restore")).unwrap();
-    let out = shunt_command()
-        .args([
+    let out = stub.shunt(
+        &ns,
+        &[
             "apply",
             "--backend",
             "nft",
             "--ipv6",
             "on",
-            "--netns",
-            &ns.path(),
-        ])
-        .args([
             "--redirect-dns",
             "--dns-servers",
             "10.200.0.53",
             "--drop-invalid",
-        ])
-        .env("PATH", stub.path_with_system())
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(saves(&ns, "nft"), before, "the rollback left tables behind");
 }

@@ -116,20 +116,18 @@ fn a_transaction_that_fails_half_way_leaves_the_previous_table_exactly() {
         "#!/bin/sh\nif [ \"$1\" = -f ]; then\n  { cat; echo 'add element inet shunt no_such_set { 10.9.9.9 }'; } | \
          /usr/sbin/nft \"$@\"\n  exit $?\nfi\nexec /usr/sbin/nft \"$@\"\n",
     );
-    let out = shunt_command()
-        .args([
+    let out = dir.shunt(
+        &ns,
+        &[
             "apply",
             "--backend",
             "nftables",
             "--ipv6",
             "on",
-            "--netns",
-            &ns.path(),
-        ])
-        .args(["--exclude-outbound-ports", "22"])
-        .env("PATH", dir.path_with_system())
-        .output()
-        .unwrap();
+            "--exclude-outbound-ports",
+            "22",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("nft failed"), "{}", stderr(&out));
     assert_eq!(

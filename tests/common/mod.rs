@@ -393,6 +393,16 @@ pub mod tempdir {
             std::fs::write(&f, text).unwrap();
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
+        /// `shunt ARGS --netns NS` with this directory's stubs first on PATH.
+        pub fn shunt(&self, ns: &super::Ns, args: &[&str]) -> std::process::Output {
+            super::shunt_command()
+                .args(args)
+                .args(["--netns", &ns.path()])
+                .env("PATH", self.path_with_system())
+                .output()
+                .unwrap()
+        }
+
         pub fn path_with_system(&self) -> String {
             format!(
                 "{}:{}",
