@@ -480,9 +480,14 @@ pub fn preflight(ns: Option<&Netns>) -> Result<(), NetfilterError> {
     }
 }
 
-/// shunt's table as installed, or `None` when there is none.
-pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
-    match spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns)?.wait() {
+/// Starts `nft list table inet shunt`.
+pub fn list(ns: Option<&Netns>) -> Result<crate::netfilter::Running, NetfilterError> {
+    spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns)
+}
+
+/// The outcome of [`list`]: the table, or `None` when there is none.
+pub fn listed(out: Result<String, NetfilterError>) -> Result<Option<String>, NetfilterError> {
+    match out {
         Ok(text) => Ok(Some(text)),
         Err(NetfilterError::ToolFailed { stderr, .. })
             if stderr.contains("No such file or directory") =>
@@ -491,6 +496,11 @@ pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// shunt's table as installed, or `None` when there is none.
+pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
+    listed(list(ns)?.wait())
 }
 
 /// Runs an `nft -f -` transaction.
@@ -520,22 +530,41 @@ pub fn marks(listing: &str) -> Vec<u32> {
 /// shunt's `inet shunt` table in one namespace.
 pub struct Nftables {
     ns: Option<Netns>,
+    /// The read, started at once so it runs beside the caller's other work.
+    reading: Option<crate::netfilter::Running>,
     /// The listing read once per command: `Some(None)` when there is no table.
     listing: Option<Option<String>>,
 }
 
 impl Nftables {
-    /// Checks `nft` is there and recent enough.
+    /// Starts reading shunt's table. `nft`'s version is only asked when something fails
+    /// (see [`preflight`]), so a working apply costs one process less.
     pub fn new(ns: Option<Netns>) -> Result<Nftables, NetfilterError> {
-        preflight(ns.as_ref())?;
-        Ok(Nftables { ns, listing: None })
+        let reading = Some(list(ns.as_ref())?);
+        Ok(Nftables {
+            ns,
+            reading,
+            listing: None,
+        })
     }
 
     fn installed(&mut self) -> Result<Option<String>, NetfilterError> {
+        if let Some(run) = self.reading.take() {
+            let read = listed(run.wait());
+            self.listing = Some(read.map_err(|e| self.explain(e))?);
+        }
         if self.listing.is_none() {
             self.listing = Some(read(self.ns.as_ref())?);
         }
         Ok(self.listing.clone().flatten())
+    }
+
+    /// A failure of `nft`, or, when `nft` is too old for shunt, that instead.
+    fn explain(&self, e: NetfilterError) -> NetfilterError {
+        match preflight(self.ns.as_ref()) {
+            Err(old) => old,
+            Ok(()) => e,
+        }
     }
 }
 
@@ -559,7 +588,7 @@ impl Engine for Nftables {
         }
         let script = transaction(plan);
         if !dry_run {
-            run(&script, self.ns.as_ref())?;
+            run(&script, self.ns.as_ref()).map_err(|e| self.explain(e))?;
             self.listing = None;
         }
         Ok(vec![(Part::Inet, script)])

@@ -319,3 +319,23 @@ fn render_prints_the_transaction_and_explain_refuses_to_guess() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("nftables"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_too_old_nft_is_refused_with_the_version_needed() {
+    require_nft!();
+    let ns = Ns::new("nft-old");
+    let dir = tempdir::Dir::new("nftold");
+    dir.write_exec(
+        "nft",
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'nftables v0.9.0 (Fearless Fosdick)'; exit 0; fi\n\
+         echo 'Error: syntax error, unexpected tproxy' >&2\nexit 1\n",
+    );
+    let out = dir.shunt(&ns, &["apply", "--backend", "nftables"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("nft 0.9.3 or newer") && err.contains("v0.9.0"),
+        "{err}"
+    );
+    assert!(ns.exec(&["nft", "list", "ruleset"]).stdout.is_empty());
+}
