@@ -9,10 +9,12 @@
 #   churn  an app opening connections to a refusing port through `shunt proxy`, with a 32-port
 #          ephemeral range: connections the proxy accepted, SYNs that reached the remote
 #          (fewer = the proxy dialled itself), upstream resets, connect_failed log lines.
-# Usage: scripts/stress.sh [SECONDS_PER_SCENARIO]   (default 20; needs root; builds release)
+# Usage: scripts/stress.sh [SECONDS_PER_SCENARIO [SCENARIOS]]
+#   (default 20 and race,kill,churn; needs root; builds release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-20}
+ONLY=${2:-race,kill,churn}
 [[ $(id -u) == 0 ]] || { echo "stress: needs root (network namespaces)" >&2; exit 1; }
 scripts/install-deps.sh >/dev/null
 SHUNT=$(scripts/build-release.sh)
@@ -64,12 +66,20 @@ race() { # $1 = backend
     done
     rounds=$((rounds + 1)); ((holds == 1)) && one=$((one + 1))
   done
-  printf 'race %-6s rounds %4d  ended in exactly one plan %4d  appliers ok %5d  gave up with a reason %d  other failures %d\n' \
+  printf 'race %-8s rounds %4d  ended in exactly one plan %4d  appliers ok %5d  gave up with a reason %d  other failures %d\n' \
     "$1" "$rounds" "$one" "$ok" "$gave_up" "$bad"
 }
 
+holds_rules() { # $1 = backend: any of shunt's rules in the pod?
+  case $1 in
+    nftables) ip netns exec "$pod" nft list table inet shunt >/dev/null 2>&1 ;;
+    *) ip netns exec "$pod" "iptables-$1-save" | grep -q SHUNT_ ||
+      ip netns exec "$pod" "ip6tables-$1-save" | grep -q SHUNT_ ;;
+  esac
+}
+
 kill9() { # $1 = backend
-  local cidrs big rounds=0 half=0 repaired=0 end=$((SECONDS + SECS))
+  local cidrs big rounds=0 whole=0 none=0 half=0 repaired=0 end=$((SECONDS + SECS))
   cidrs=$(for i in $(seq 0 999); do printf '10.%d.%d.0/24,' $((i / 250 + 100)) $((i % 250)); done)
   big="--backend $1 --ipv6 on --redirect-dns --dns-servers 10.200.0.53 --drop-invalid --exclude-outbound-cidrs ${cidrs%,}"
   while ((SECONDS < end)); do
@@ -81,7 +91,11 @@ kill9() { # $1 = backend
     kill -9 "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     # shellcheck disable=SC2086
-    if ! "$SHUNT" -q check --netns "/run/netns/$pod" $big >/dev/null 2>&1; then
+    if "$SHUNT" -q check --netns "/run/netns/$pod" $big >/dev/null 2>&1; then
+      whole=$((whole + 1))
+    elif ! holds_rules "$1"; then
+      none=$((none + 1))
+    else
       half=$((half + 1))
     fi
     # shellcheck disable=SC2086
@@ -89,8 +103,8 @@ kill9() { # $1 = backend
       "$SHUNT" -q check --netns "/run/netns/$pod" $big >/dev/null 2>&1 && repaired=$((repaired + 1))
     rounds=$((rounds + 1))
   done
-  printf 'kill %-6s rounds %4d  not in sync after the kill %4d  repaired by the next apply %4d\n' \
-    "$1" "$rounds" "$half" "$repaired"
+  printf 'kill %-8s rounds %4d  after the kill: whole plan %4d, nothing %4d, part of it %4d  repaired by the next apply %4d\n' \
+    "$1" "$rounds" "$whole" "$none" "$half" "$repaired"
 }
 
 churn() { # $1 = backend
@@ -128,10 +142,17 @@ EOF
   syns=$(ip netns exec "$remote" iptables-nft -L INPUT -v -n -x | awk '/dpt:9/ {print $1}')
   failed=$(grep -c 'end="connect_failed"' "$work/proxy.log" || true)
   kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; proxy_pid=
-  printf 'churn %-6s proxy accepted %6d  SYNs at the remote %6d  upstream resets %d  connect_failed lines %6d\n' \
+  printf 'churn %-8s proxy accepted %6d  SYNs at the remote %6d  upstream resets %d  connect_failed lines %6d\n' \
     "$1" "$accepted" "$syns" "$resets" "$failed"
 }
 
-for b in nft legacy; do race "$b"; done
-for b in nft legacy; do kill9 "$b"; done
-for b in nft legacy; do churn "$b"; done
+for b in nft legacy nftables; do
+  [[ ,$ONLY, == *,race,* ]] && race "$b"
+done
+for b in nft legacy nftables; do
+  [[ ,$ONLY, == *,kill,* ]] && kill9 "$b"
+done
+for b in nft legacy nftables; do
+  [[ ,$ONLY, == *,churn,* ]] && churn "$b"
+done
+exit 0
