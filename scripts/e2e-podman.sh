@@ -21,12 +21,12 @@
 # What differs from Kubernetes, and why (podman 4.3):
 # - podman runs neither native sidecars (an initContainer with restartPolicy: Always) nor
 #   probes of init containers, so the podman copy of pod.yaml is derived from it mechanically:
-#   the sidecar moves to `containers` (first, so it starts before the app), its startupProbe
-#   goes (podman would ignore it; the readiness probe is kept and ignored), the init container
-#   stays an init container (type `always`, so podman keeps it and `podman logs` works, as
-#   kubectl logs does), the pod's restartPolicy is OnFailure (podman would restart an init
-#   container that exited 0 under Always), and the images are the local ones. The probes
-#   themselves are checked by hand: GET POD_IP:15021/healthz/ready from another container.
+#   the sidecar moves to `containers` (first, so it starts before the app), with its probes
+#   as written; the init container stays an init container (of podman's type `always`, so
+#   podman keeps it and `podman logs` reads it, as kubectl logs does); the pod's restartPolicy
+#   is OnFailure (under Always podman restarts an init container that exited 0); the images
+#   are the local ones. The suite does not count on podman running the probes: it makes their
+#   request itself, GET POD_IP:15021/healthz/ready from another container.
 # - podman passes no K8S_POD_NAMESPACE in CNI_ARGS and no runtimeConfig (pod annotations) to
 #   CNI plugins, so skip_namespaces and shunt.dev/ annotations stay covered by tests/cni.rs.
 # - The DaemonSet is run as a pod (its template, hostNetwork, the two hostPath volumes mapped
@@ -405,7 +405,7 @@ spec = pod["spec"]
 inits, sidecars = [], []
 for c in spec.get("initContainers", []):
     if c.get("restartPolicy") == "Always":      # a native sidecar
-        c = {k: v for k, v in c.items() if k not in ("restartPolicy", "startupProbe")}
+        c = {k: v for k, v in c.items() if k != "restartPolicy"}
         sidecars.append(c)
     elif mode == "init":
         inits.append(c)
