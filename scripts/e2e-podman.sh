@@ -394,7 +394,8 @@ must "the destination container serves on $DEST:80" wait_for 10 pm exec dest wge
 
 # === Path 1: the initContainer, scripts/k8s/pod.yaml under podman kube play ===
 step "path 1: scripts/k8s/pod.yaml with podman kube play"
-# derive MODE < manifest > podman copy (see the header for what changes and why).
+# derive MODE MANIFEST > podman copy (init: as it is; cni: without shunt-init). The header
+# says what changes and why.
 derive() {
   python3 - "$1" "$2" "$MANIFEST_SHUNT=$SHUNT_IMAGE" "$MANIFEST_APP=$BOX_IMAGE" <<'EOF'
 import sys, yaml
