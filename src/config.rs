@@ -813,7 +813,7 @@ mod tests {
             (vec![("proxy_uid", "-1")], vec!["--proxy-uid", "-1"]),
             (
                 vec![("backend", "ebpf")],
-                vec!["--backend", "ebpf", "legacy, nft, auto"],
+                vec!["--backend", "ebpf", "legacy, nft, nftables, auto"],
             ),
             (vec![("mode", "magic")], vec!["--mode", "magic"]),
             (
