@@ -76,12 +76,11 @@ impl Probe {
         };
         if wanted == EngineKind::Nftables {
             for b in iptables_available() {
-                let kind = match b {
-                    Backend::Legacy => EngineKind::Legacy,
-                    Backend::Nft => EngineKind::Nft,
-                };
+                if netfilter::legacy_is_empty(b, Family::V4, ns) {
+                    continue;
+                }
                 probe.saves.push((
-                    kind,
+                    b.into(),
                     netfilter::spawn_tool(&b.tool(Family::V4, "save"), &[], None, ns)?,
                 ));
             }
@@ -164,11 +163,7 @@ fn choose_engine(
             let pick = pick_backend(&seen);
             let saved = seen.into_iter().find(|(b, _)| *b == pick).map(|(_, s)| s);
             tracing::debug!(backend = pick.name(), "backend chosen");
-            let kind = match pick {
-                Backend::Legacy => EngineKind::Legacy,
-                Backend::Nft => EngineKind::Nft,
-            };
-            return Ok((kind, saved, None));
+            return Ok((pick.into(), saved, None));
         }
     };
     Ok((kind, saved, Some(Probe::start(kind, ns)?)))
@@ -435,10 +430,7 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
         BackendChoice::Nftables => vec![EngineKind::Nftables],
         BackendChoice::Auto => iptables_available()
             .into_iter()
-            .map(|b| match b {
-                Backend::Legacy => EngineKind::Legacy,
-                Backend::Nft => EngineKind::Nft,
-            })
+            .map(EngineKind::from)
             .collect(),
     };
     if cfg.backend == BackendChoice::Auto && nft_available() {

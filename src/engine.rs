@@ -30,6 +30,15 @@ impl EngineKind {
     }
 }
 
+impl From<crate::netfilter::Backend> for EngineKind {
+    fn from(b: crate::netfilter::Backend) -> EngineKind {
+        match b {
+            crate::netfilter::Backend::Legacy => EngineKind::Legacy,
+            crate::netfilter::Backend::Nft => EngineKind::Nft,
+        }
+    }
+}
+
 /// What one script or diff covers: one IP family (iptables), or both at once (`inet`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

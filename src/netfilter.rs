@@ -289,7 +289,7 @@ pub fn save_all(
 /// Whether legacy iptables has no table at all in the namespace: the kernel lists the legacy
 /// tables a namespace has in /proc/net/ip{,6}_tables_names, and a save of none prints nothing,
 /// so the process is not started (most namespaces on an nft node have none).
-fn legacy_is_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
+pub fn legacy_is_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
     if backend != Backend::Legacy {
         return false;
     }
@@ -716,10 +716,7 @@ impl Iptables {
 
 impl Engine for Iptables {
     fn kind(&self) -> EngineKind {
-        match self.backend {
-            Backend::Legacy => EngineKind::Legacy,
-            Backend::Nft => EngineKind::Nft,
-        }
+        self.backend.into()
     }
 
     fn installed_marks(&mut self) -> Result<Vec<u32>, NetfilterError> {
