@@ -54,10 +54,7 @@ impl Backend {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetfilterError {
-    #[error(
-        "{tool} not found on PATH: install iptables (Debian: apt-get install iptables) or pick \
-         another --backend"
-    )]
+    #[error("{tool} not found on PATH: {}", install_hint(tool))]
     MissingTool { tool: String },
     #[error("{tool} could not be started: {source}")]
     Spawn {
@@ -102,6 +99,17 @@ pub enum NetfilterError {
          run `shunt check` to see what is installed, then `shunt apply` again (or `shunt clean`)"
     )]
     RollbackFailed { cause: String, rollback: String },
+}
+
+/// Which Debian package brings a missing tool.
+fn install_hint(tool: &str) -> &'static str {
+    if tool == "nft" {
+        "install nftables (Debian: apt-get install nftables) or pick another --backend"
+    } else if tool == "ip" {
+        "install iproute2 (Debian: apt-get install iproute2)"
+    } else {
+        "install iptables (Debian: apt-get install iptables) or pick another --backend"
+    }
 }
 
 /// A tool's path, when it is installed.

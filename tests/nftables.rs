@@ -339,3 +339,31 @@ fn a_too_old_nft_is_refused_with_the_version_needed() {
     );
     assert!(ns.exec(&["nft", "list", "ruleset"]).stdout.is_empty());
 }
+
+#[test]
+fn without_nft_the_engine_names_the_package() {
+    require_netns!();
+    let ns = Ns::new("nft-missing");
+    let dir = tempdir::Dir::new("nftmissing");
+    // A PATH with iptables and ip but no nft.
+    for tool in [
+        "ip",
+        "iptables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-nft-save",
+    ] {
+        let real = common::must(&["sh", "-c", &format!("command -v {tool}")]);
+        std::os::unix::fs::symlink(real.trim(), dir.0.join(tool)).unwrap();
+    }
+    let out = shunt_command()
+        .args(["apply", "--backend", "nftables", "--netns", &ns.path()])
+        .env("PATH", &dir.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("apt-get install nftables"),
+        "{}",
+        stderr(&out)
+    );
+}
