@@ -211,6 +211,14 @@ fn net_text(n: &IpNet) -> String {
     }
 }
 
+/// iptables' interface wildcard `eth+` (every name starting with `eth`) is nft's `eth*`.
+fn ifname(name: &str) -> String {
+    match name.strip_suffix('+') {
+        Some(prefix) => format!("{prefix}*"),
+        None => name.to_string(),
+    }
+}
+
 fn mark(m: u32) -> String {
     format!("0x{m:08x}")
 }
@@ -242,10 +250,10 @@ fn rule_text(
     for m in &rule.matches {
         match m {
             Match::InInterface { name, negate } => {
-                parts.push(format!("iifname {}\"{name}\"", neg(*negate)))
+                parts.push(format!("iifname {}\"{}\"", neg(*negate), ifname(name)))
             }
             Match::OutInterface { name, negate } => {
-                parts.push(format!("oifname {}\"{name}\"", neg(*negate)))
+                parts.push(format!("oifname {}\"{}\"", neg(*negate), ifname(name)))
             }
             _ => {}
         }
@@ -694,6 +702,17 @@ mod tests {
             text.contains("meta skuid { 1337, 2000-2002 } return"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn interface_wildcards_keep_their_meaning() {
+        let p = plan_of(RawOptions {
+            exclude_interfaces: Some("veth+,eth9".into()),
+            ..Default::default()
+        });
+        let text = render(&p);
+        assert!(text.contains("iifname \"veth*\" return"), "{text}");
+        assert!(text.contains("iifname \"eth9\" return"), "{text}");
     }
 
     #[test]

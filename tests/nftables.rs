@@ -367,3 +367,30 @@ fn without_nft_the_engine_names_the_package() {
         stderr(&out)
     );
 }
+
+#[test]
+fn an_interface_wildcard_excludes_every_matching_interface() {
+    require_nft!();
+    let t = Topology::new();
+    let remote = t.remote.listen(&hp(REMOTE_V4, 8080));
+    ok(&t.pod.shunt(&[
+        "apply",
+        "--backend",
+        "nftables",
+        "--ipv6",
+        "off",
+        "--exclude-interfaces",
+        "eth+",
+    ]));
+    // Through eth0, which `eth+` names: not captured, so the remote itself accepts.
+    let _c = t.pod.connect_as(1000, 1000, &hp(REMOTE_V4, 8080)).unwrap();
+    assert!(
+        accept_within(&remote, std::time::Duration::from_secs(3)).is_some(),
+        "eth+ did not exclude eth0"
+    );
+    // Without the wildcard the same connection is captured (nothing listens on 15001).
+    ok(&t
+        .pod
+        .shunt(&["apply", "--backend", "nftables", "--ipv6", "off"]));
+    assert!(t.pod.connect_as(1000, 1000, &hp(REMOTE_V4, 8080)).is_err());
+}
