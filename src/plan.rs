@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{CaptureConfig, IdRange, Mode, PortRange, Set};
+use crate::config::{CaptureConfig, IdRange, IstioLayout, Mode, OwnerGroups, PortRange, Set};
 
 /// Every chain shunt owns starts with this; `clean` and `check` recognise shunt's rules by it.
 pub const CHAIN_PREFIX: &str = "SHUNT_";
@@ -378,6 +378,9 @@ fn dns_rules(targets: &Option<Vec<IpNet>>, proto: Proto, target: &Target) -> Vec
 }
 
 fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
+    if let Some(istio) = &cfg.istio {
+        return istio_ruleset(cfg, istio, family);
+    }
     let lo = || iface_out("lo");
     let dns = cfg.redirect_dns.then(|| dns_targets(cfg, family));
     let to_dns = Target::Redirect {
@@ -637,6 +640,370 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
     });
     tables.sort_by_key(|t| t.name);
     Ruleset { family, tables }
+}
+
+// === Istio's layout ===
+
+/// The mark Istio's TPROXY mode puts on the proxy's own dials through lo (its `OutboundMark`),
+/// so that they, and only they, take the inbound path in mangle.
+pub const ISTIO_OUTBOUND_MARK: u32 = 1338;
+
+const IN_PREROUTING: &str = "SHUNT_PREROUTING";
+const INBOUND_PORTS: &str = "SHUNT_INBOUND_PORTS";
+
+fn not(m: Match) -> Match {
+    match m {
+        Match::Destination { net, .. } => Match::Destination { net, negate: true },
+        Match::Owner { kind, id, .. } => Match::Owner {
+            kind,
+            id,
+            negate: true,
+        },
+        Match::DestinationPorts { ports, .. } => Match::DestinationPorts {
+            ports,
+            negate: true,
+        },
+        other => other,
+    }
+}
+
+/// `istio-iptables`' rules, rule for rule in Istio's order (tools/istio-iptables
+/// `capture/run.go`), in shunt's chains: `ISTIO_OUTPUT` is `SHUNT_OUTPUT`, `ISTIO_INBOUND`
+/// `SHUNT_INBOUND`, and so on. The only changes are ones the kernel cannot tell apart: Istio's
+/// RETURNs in built-in chains live in `SHUNT_PREROUTING` / `SHUNT_OUTPUT` (SPEC §3 item 7), and
+/// `-i lo -m mark ! --mark 1338 -j RETURN` is spelled with a positive mark and a jump.
+fn istio_ruleset(cfg: &CaptureConfig, istio: &IstioLayout, family: Family) -> Ruleset {
+    let lo = || iface_out("lo");
+    let loopback = match family {
+        Family::V4 => istio.loopback_v4,
+        Family::V6 => family.loopback(),
+    };
+    let tproxy = cfg.mode == Mode::Tproxy;
+    let tunnel = port(istio.tunnel_port);
+    let servers = dns_targets(cfg, family);
+    // Istio turns DNS capture off when it has nothing to capture.
+    let any_server = cfg.capture_all_dns || !cfg.dns_servers.as_deref().unwrap_or(&[]).is_empty();
+    let dns = cfg.redirect_dns && any_server;
+    let family_dns = dns && servers.as_ref().map_or(true, |s| !s.is_empty());
+    let to_dns = Target::Redirect {
+        to_port: cfg.dns_port,
+    };
+    let user = |name: &str, rules: Vec<Rule>| Chain {
+        name: name.into(),
+        builtin: false,
+        rules,
+    };
+    let builtin = |name: &str, rules: Vec<Rule>| Chain {
+        name: name.into(),
+        builtin: true,
+        rules,
+    };
+    let in_redirect = jump(IN_REDIRECT);
+
+    // nat PREROUTING: VM interfaces first (Istio inserts them at the top), then exclusions,
+    // then inbound capture.
+    let mut prerouting = Vec::new();
+    for name in cfg.virt_interfaces.iter().rev() {
+        match &cfg.outbound_cidrs {
+            Set::All => prerouting.push(rule(vec![iface_in(name)], jump(REDIRECT))),
+            Set::List(nets) => {
+                for n in nets.iter().filter(|n| family.contains(n)) {
+                    prerouting.push(rule(vec![iface_in(name), dst(*n)], jump(REDIRECT)));
+                }
+            }
+        }
+    }
+    for name in cfg.virt_interfaces.iter().rev() {
+        prerouting.push(rule(vec![iface_in(name)], Target::Return));
+    }
+    for name in &cfg.exclude_interfaces {
+        prerouting.push(rule(vec![iface_in(name)], Target::Return));
+    }
+    let inbound_on = !cfg.inbound_ports.is_empty();
+    if inbound_on && !tproxy {
+        prerouting.push(rule(vec![TCP], jump(INBOUND)));
+    }
+
+    // nat SHUNT_INBOUND: the tunnel port, then -d (only with -b '*'), then the captured ports.
+    let mut inbound = vec![rule(vec![TCP, dports(&[tunnel], false)], Target::Return)];
+    if !tproxy {
+        inbound.extend(istio_inbound_ports(cfg, &in_redirect, None));
+    }
+
+    // nat SHUNT_OUTPUT.
+    let mut output = Vec::new();
+    for name in &cfg.exclude_interfaces {
+        output.push(rule(vec![iface_out(name)], Target::Return));
+    }
+    if let Set::List(ports) = &cfg.exclude_outbound_ports {
+        for c in port_chunks(ports) {
+            output.push(rule(vec![TCP, dports(c, false)], Target::Return));
+            output.push(rule(vec![UDP, dports(c, false)], Target::Return));
+        }
+    }
+    output.push(rule(
+        vec![
+            lo(),
+            Match::Source {
+                net: family.inbound_source(),
+                negate: false,
+            },
+        ],
+        Target::Return,
+    ));
+    for (kind, id) in owners(cfg) {
+        // The proxy dialling anything through lo but the loopback exception is inbound traffic,
+        // whatever -b says; under DNS capture the uid rule spares port 53 (the gid rule does not).
+        let spared = if dns && kind == Owner::Uid {
+            vec![port(53), tunnel]
+        } else {
+            vec![tunnel]
+        };
+        output.push(rule(
+            vec![
+                lo(),
+                not(dst(loopback)),
+                TCP,
+                dports(&spared, true),
+                owner(kind, id),
+            ],
+            in_redirect.clone(),
+        ));
+        if istio.lo_return {
+            let mut m = vec![lo()];
+            if dns {
+                m.extend([TCP, dports(&[port(53)], true)]);
+            }
+            m.push(not(owner(kind, id)));
+            output.push(rule(m, Target::Return));
+        }
+        output.push(rule(vec![owner(kind, id)], Target::Return));
+    }
+    match &istio.owner_groups {
+        OwnerGroups::AllExcept(groups) => {
+            for g in groups {
+                output.push(rule(vec![owner(Owner::Gid, *g)], Target::Return));
+            }
+        }
+        OwnerGroups::Only(groups) => {
+            let none_of = groups.iter().map(|g| not(owner(Owner::Gid, *g))).collect();
+            output.push(rule(none_of, Target::Return));
+        }
+    }
+    if family_dns {
+        output.push(rule(vec![], jump(DNS)));
+    }
+    output.push(rule(vec![dst(loopback)], Target::Return));
+    if let Set::List(nets) = &cfg.exclude_outbound_cidrs {
+        for n in nets.iter().filter(|n| family.contains(n)) {
+            output.push(rule(vec![dst(*n)], Target::Return));
+        }
+    }
+    if let Set::List(ports) = &cfg.outbound_ports {
+        for c in port_chunks(ports) {
+            output.push(rule(vec![TCP, dports(c, false)], jump(REDIRECT)));
+        }
+    }
+    match &cfg.outbound_cidrs {
+        Set::All => output.push(rule(vec![], jump(REDIRECT))),
+        Set::List(nets) => {
+            for n in nets.iter().filter(|n| family.contains(n)) {
+                output.push(rule(vec![dst(*n)], jump(REDIRECT)));
+            }
+        }
+    }
+
+    let redirect_to = |p: u16| vec![rule(vec![TCP], Target::Redirect { to_port: p })];
+    let mut nat = vec![
+        builtin("PREROUTING", vec![rule(vec![], jump(IN_PREROUTING))]),
+        builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]),
+        user(IN_PREROUTING, prerouting),
+        user(INBOUND, inbound),
+        user(IN_REDIRECT, redirect_to(cfg.inbound_port)),
+        user(OUTPUT, output),
+        user(REDIRECT, redirect_to(cfg.proxy_port)),
+    ];
+    let mut tables = Vec::new();
+
+    if dns {
+        let mut rules = Vec::new();
+        rules.extend(dns_rules(&servers, Proto::Tcp, &to_dns));
+        rules.extend(dns_rules(&servers, Proto::Udp, &to_dns));
+        if family_dns {
+            nat.push(user(DNS, rules));
+        }
+        let zone = |z| Target::CtZone { zone: z };
+        let mut raw_out = Vec::new();
+        for (k, id) in owners(cfg) {
+            raw_out.push(rule(
+                vec![UDP, dports(&[port(53)], false), owner(k, id)],
+                zone(ZONE_UPSTREAM),
+            ));
+            raw_out.push(rule(
+                vec![UDP, Match::SourcePort(cfg.dns_port), owner(k, id)],
+                zone(ZONE_APP),
+            ));
+        }
+        raw_out.extend(dns_rules(&servers, Proto::Udp, &zone(ZONE_APP)));
+        let replies: Vec<Rule> = match &servers {
+            None => vec![rule(vec![UDP, Match::SourcePort(53)], zone(ZONE_UPSTREAM))],
+            Some(nets) => nets
+                .iter()
+                .map(|n| {
+                    let src = Match::Source {
+                        net: *n,
+                        negate: false,
+                    };
+                    rule(vec![UDP, Match::SourcePort(53), src], zone(ZONE_UPSTREAM))
+                })
+                .collect(),
+        };
+        let mut chains = Vec::new();
+        if family_dns {
+            chains.push(builtin("PREROUTING", vec![rule(vec![], jump(DNS_REPLY))]));
+        }
+        chains.push(builtin("OUTPUT", vec![rule(vec![], jump(DNS))]));
+        chains.push(user(DNS, raw_out));
+        if family_dns {
+            chains.push(user(DNS_REPLY, replies));
+        }
+        tables.push(Table {
+            name: TableName::Raw,
+            chains,
+        });
+    }
+
+    let mut mangle_pre = Vec::new();
+    let mut mangle_out = Vec::new();
+    let mut mangle = Vec::new();
+    if tproxy {
+        for name in &cfg.exclude_interfaces {
+            mangle_pre.push(rule(vec![iface_in(name)], Target::Return));
+            mangle_out.push(rule(vec![iface_out(name)], Target::Return));
+        }
+    }
+    if cfg.drop_invalid {
+        mangle_pre.push(rule(vec![Match::CtInvalid], Target::Drop));
+    }
+    if tproxy {
+        let mark = cfg.tproxy_mark;
+        if inbound_on {
+            mangle_pre.push(rule(vec![TCP], jump(INBOUND)));
+            // Istio: -i lo -m mark ! --mark 1338 -j RETURN; here the marked packets jump past
+            // the RETURN that takes every other packet from lo.
+            let source = Match::Source {
+                net: family.inbound_source(),
+                negate: false,
+            };
+            mangle.push(user(
+                INBOUND,
+                vec![
+                    rule(vec![TCP, Match::Mark(mark)], Target::Return),
+                    rule(vec![TCP, source, iface_in("lo")], Target::Return),
+                    rule(
+                        vec![TCP, iface_in("lo"), Match::Mark(ISTIO_OUTBOUND_MARK)],
+                        jump(INBOUND_PORTS),
+                    ),
+                    rule(vec![TCP, iface_in("lo")], Target::Return),
+                    rule(vec![], jump(INBOUND_PORTS)),
+                ],
+            ));
+            mangle.push(user(
+                INBOUND_PORTS,
+                istio_inbound_ports(cfg, &jump(TPROXY), Some(&jump(DIVERT))),
+            ));
+            mangle.push(user(
+                DIVERT,
+                vec![
+                    rule(vec![], Target::SetMark { mark }),
+                    rule(vec![], Target::Accept),
+                ],
+            ));
+            mangle.push(user(
+                TPROXY,
+                vec![rule(
+                    vec![not(dst(loopback)), TCP],
+                    Target::Tproxy {
+                        to_port: cfg.inbound_port,
+                        mark,
+                    },
+                )],
+            ));
+        }
+        mangle_pre.push(rule(vec![TCP, Match::Mark(mark)], Target::SaveMark));
+        mangle_out.push(rule(
+            vec![TCP, iface_out("lo"), Match::Mark(mark)],
+            Target::Return,
+        ));
+        for (kind, id) in owners(cfg) {
+            mangle_out.push(rule(
+                vec![not(dst(loopback)), TCP, iface_out("lo"), owner(kind, id)],
+                Target::SetMark {
+                    mark: ISTIO_OUTBOUND_MARK,
+                },
+            ));
+        }
+        mangle_out.push(rule(vec![TCP, Match::Connmark(mark)], Target::RestoreMark));
+    }
+    let mut chains = Vec::new();
+    if !mangle_pre.is_empty() {
+        chains.push(builtin(
+            "PREROUTING",
+            vec![rule(vec![], jump(IN_PREROUTING))],
+        ));
+        mangle.insert(0, user(IN_PREROUTING, mangle_pre));
+    }
+    if !mangle_out.is_empty() {
+        chains.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));
+        mangle.insert(0, user(OUTPUT, mangle_out));
+    }
+    if !chains.is_empty() {
+        chains.extend(mangle);
+        tables.push(Table {
+            name: TableName::Mangle,
+            chains,
+        });
+    }
+    tables.push(Table {
+        name: TableName::Nat,
+        chains: nat,
+    });
+    tables.sort_by_key(|t| t.name);
+    Ruleset { family, tables }
+}
+
+/// Istio's inbound port rules: with `-b '*'` the `-d` ports return and the rest go to
+/// `target`; with a list, each listed port goes there. In tproxy mode `established` (the
+/// divert chain) comes first for packets of connections already made.
+fn istio_inbound_ports(
+    cfg: &CaptureConfig,
+    target: &Target,
+    established: Option<&Target>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let captured: Vec<Vec<Match>> = match &cfg.inbound_ports {
+        Set::All => {
+            if let Set::List(ex) = &cfg.exclude_inbound_ports {
+                for c in port_chunks(ex) {
+                    rules.push(rule(vec![TCP, dports(c, false)], Target::Return));
+                }
+            }
+            vec![vec![TCP]]
+        }
+        Set::List(ports) => port_chunks(ports)
+            .into_iter()
+            .map(|c| vec![TCP, dports(c, false)])
+            .collect(),
+    };
+    for m in captured {
+        if let Some(e) = established {
+            let mut est = m.clone();
+            est.push(Match::CtEstablished);
+            rules.push(rule(est, e.clone()));
+        }
+        rules.push(rule(m, target.clone()));
+    }
+    rules
 }
 
 /// Builds the plan. `ipv6` is the resolved IPv6 decision (`auto` is settled by the caller,

@@ -912,6 +912,7 @@ fn istio_iptables_flag_sets() {
                 "-d",
                 "15090,15021,9090",
                 "--run-validation",
+                "--dual-stack",
             ],
             vec![
                 (
