@@ -403,7 +403,7 @@ impl IstioArgs {
         let loopback_v4 = match env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR") {
             None => "127.0.0.1/32".parse().expect("literal"),
             Some(v) => match v.trim().parse::<IpNet>() {
-                Ok(IpNet::V4(n)) if n.addr().is_loopback() => IpNet::V4(n),
+                Ok(IpNet::V4(n)) if n.addr().is_loopback() => IpNet::V4(n.trunc()),
                 _ => {
                     return Err(ConfigError::Invalid {
                         option: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
