@@ -198,6 +198,17 @@ fn some(s: &str) -> Option<String> {
     Some(s.trim().to_string())
 }
 
+/// A list flag as Istio reads it (`config.Split`): empty items are dropped, so `6000,7000,`
+/// is two ports, where shunt's own options refuse the empty item.
+fn list(s: &str) -> Option<String> {
+    let items: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .collect();
+    Some(items.join(","))
+}
+
 /// Istio's environment-only settings and second names, looked up through `env` so that
 /// [`IstioArgs::to_options_with`] stays pure.
 pub const ENV_ONLY: [&str; 6] = [
@@ -360,19 +371,19 @@ impl IstioArgs {
         Ok(RawOptions {
             proxy_port: some(&self.envoy_port),
             inbound_port: some(&self.inbound_capture_port),
-            proxy_uid: some(&self.proxy_uid),
-            proxy_gid: some(self.proxy_gid.as_deref().unwrap_or(&self.proxy_uid)),
+            proxy_uid: list(&self.proxy_uid),
+            proxy_gid: list(self.proxy_gid.as_deref().unwrap_or(&self.proxy_uid)),
             mode: some(mode),
             tproxy_mark: some(&self.tproxy_mark),
             tproxy_route_table: some(&self.tproxy_route_table),
-            outbound_cidrs: some(&self.service_cidr),
-            exclude_outbound_cidrs: some(&self.service_exclude_cidr),
-            outbound_ports: some(&self.outbound_ports),
-            exclude_outbound_ports: some(&self.outbound_ports_exclude),
-            inbound_ports: some(&self.inbound_ports),
-            exclude_inbound_ports: some(exclude_inbound),
-            exclude_interfaces: some(&self.exclude_interfaces),
-            virt_interfaces: some(&self.kube_virt_interfaces),
+            outbound_cidrs: list(&self.service_cidr),
+            exclude_outbound_cidrs: list(&self.service_exclude_cidr),
+            outbound_ports: list(&self.outbound_ports),
+            exclude_outbound_ports: list(&self.outbound_ports_exclude),
+            inbound_ports: list(&self.inbound_ports),
+            exclude_inbound_ports: list(exclude_inbound),
+            exclude_interfaces: list(&self.exclude_interfaces),
+            virt_interfaces: list(&self.kube_virt_interfaces),
             redirect_dns: flag(redirect_dns),
             capture_all_dns: flag(self.capture_all_dns),
             drop_invalid: flag(drop_invalid),
@@ -546,6 +557,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("an-interface-name-too-long"), "{e}");
+    }
+
+    fn with_env(
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<crate::config::CaptureConfig, ConfigError> {
+        let mut full = vec!["t"];
+        full.extend_from_slice(args);
+        let a = T::try_parse_from(full).unwrap().a;
+        let lookup = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        let mut cfg = a.to_options_with(lookup)?.resolve()?;
+        cfg.istio = Some(a.layout(&cfg, lookup)?);
+        Ok(cfg)
+    }
+
+    #[test]
+    fn layout_follows_istio() {
+        let c = with_env(&["-i", "*", "-b", "*"], &[]).unwrap();
+        let l = c.istio.unwrap();
+        assert_eq!(l.loopback_v4.to_string(), "127.0.0.1/32");
+        assert!(l.lo_return);
+        assert_eq!(l.tunnel_port, 15008);
+        assert_eq!(l.owner_groups, OwnerGroups::AllExcept(vec![]));
+        // A loopback range in -i drops the lo RETURN rules.
+        let c = with_env(&["-i", "127.1.2.3/32,10.0.0.0/8"], &[]).unwrap();
+        assert!(!c.istio.unwrap().lo_return);
+        let env = [
+            ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "202,1000"),
+        ];
+        let l = with_env(&[], &env).unwrap().istio.unwrap();
+        assert_eq!(l.loopback_v4.to_string(), "127.0.0.0/8");
+        assert!(matches!(l.owner_groups, OwnerGroups::Only(g) if g.len() == 2));
+        let e = with_env(&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.0/8")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.0.0.0/8") && e.contains("127.0.0.0/8"), "{e}");
+        let e = with_env(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "ftp")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ftp") && e.contains("numeric"), "{e}");
+    }
+
+    #[test]
+    fn aliases_lists_and_refusals() {
+        let c = with_env(&["-i", "*"], &[("ISTIO_META_DNS_CAPTURE", "true")]).unwrap();
+        assert!(c.redirect_dns);
+        let c = with_env(&[], &[("INVALID_DROP", "1")]).unwrap();
+        assert!(c.drop_invalid);
+        let e = with_env(&[], &[("INVALID_DROP", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") && e.contains("INVALID_DROP"), "{e}");
+        // Istio drops empty list items.
+        let c = with_env(&["-b", "*", "-d", "6000,7000,"], &[]).unwrap();
+        assert!(matches!(&c.exclude_inbound_ports, crate::config::Set::List(v) if v.len() == 2));
+        for refused in [&["--iptables-trace-logging"][..], &["--cni-mode"]] {
+            let e = with_env(refused, &[]).unwrap_err().to_string();
+            assert!(e.contains(refused[0]) && e.contains("not supported"), "{e}");
+        }
+        let e = with_env(&["-x", "*"], &[]).unwrap_err().to_string();
+        assert!(e.contains("-x"), "{e}");
+        let e = with_env(
+            &[
+                "--native-nftables",
+                "--force-iptables-binary",
+                "iptables-nft",
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--native-nftables"), "{e}");
+        let c = with_env(&["--force-iptables-binary", "iptables-legacy"], &[]).unwrap();
+        assert_eq!(c.backend, crate::config::BackendChoice::Legacy);
+    }
+
+    #[test]
+    fn ipv6_only_where_istio_writes_it() {
+        let a = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let dual = [
+            a("127.0.0.1"),
+            a("::1"),
+            a("10.0.0.2"),
+            a("fd00::2"),
+            a("fe80::1"),
+        ];
+        assert!(!wants_ipv6(false, &dual));
+        assert!(wants_ipv6(true, &dual));
+        assert!(wants_ipv6(false, &[a("::1"), a("fd00::2"), a("fe80::1")]));
+        assert!(!wants_ipv6(false, &[a("127.0.0.1"), a("::1")]));
     }
 
     #[test]
