@@ -1100,11 +1100,22 @@ fn istio_iptables_flag_sets() {
         &["--capture-all-dns"],
         &["-k", "way-too-long-iface0"],
         &["-p", "0"],
+        &["--iptables-trace-logging"],
+        &["--cni-mode"],
+        &["-x", "*"],
+        &["-m", "TPROXY", "-k", "eth1"],
     ] {
         let mut args = vec!["istio-iptables"];
         args.extend_from_slice(bad);
         assert_eq!(ns.shunt(&args).status.code(), Some(2), "{bad:?}");
     }
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
+    // --skip-rule-apply changes nothing; --cleanup-only removes what is there.
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "--skip-rule-apply"]));
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "-b", "*"]));
+    assert!(ns.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+    ok(&ns.shunt(&["istio-iptables", "--cleanup-only"]));
     assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
 }
 
