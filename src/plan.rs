@@ -814,15 +814,24 @@ fn istio_ruleset(cfg: &CaptureConfig, istio: &IstioLayout, family: Family) -> Ru
     }
 
     let redirect_to = |p: u16| vec![rule(vec![TCP], Target::Redirect { to_port: p })];
-    let mut nat = vec![
-        builtin("PREROUTING", vec![rule(vec![], jump(IN_PREROUTING))]),
-        builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]),
-        user(IN_PREROUTING, prerouting),
+    let mut nat = Vec::new();
+    // TPROXY mode with no interface rules leaves nat PREROUTING empty, as Istio does.
+    if !prerouting.is_empty() {
+        nat.push(builtin(
+            "PREROUTING",
+            vec![rule(vec![], jump(IN_PREROUTING))],
+        ));
+    }
+    nat.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));
+    if !prerouting.is_empty() {
+        nat.push(user(IN_PREROUTING, prerouting));
+    }
+    nat.extend([
         user(INBOUND, inbound),
         user(IN_REDIRECT, redirect_to(cfg.inbound_port)),
         user(OUTPUT, output),
         user(REDIRECT, redirect_to(cfg.proxy_port)),
-    ];
+    ]);
     let mut tables = Vec::new();
 
     if dns {
