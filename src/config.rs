@@ -24,6 +24,19 @@ pub enum ConfigError {
     },
     #[error("conflicting options: {0}")]
     Conflict(String),
+    /// A bad environment variable that has no flag (Istio's environment-only settings).
+    #[error("invalid value '{value}' for the variable {name}: {reason}")]
+    Variable {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// A flag shunt knows and deliberately does not implement.
+    #[error("{option} is not supported: {reason}")]
+    Unsupported {
+        option: &'static str,
+        reason: String,
+    },
     #[error("cannot read config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
 }

@@ -225,8 +225,8 @@ fn go_bool(name: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value.trim() {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" | "" => Ok(false),
-        _ => Err(ConfigError::Invalid {
-            option: name,
+        _ => Err(ConfigError::Variable {
+            name,
             value: value.to_string(),
             reason: "expected true or false".into(),
         }),
@@ -234,11 +234,23 @@ fn go_bool(name: &'static str, value: &str) -> Result<bool, ConfigError> {
 }
 
 fn refused(option: &'static str, reason: &str) -> ConfigError {
-    ConfigError::Conflict(format!(
-        "istio-iptables {option} is not supported by shunt: {reason}"
-    ))
+    ConfigError::Unsupported {
+        option,
+        reason: reason.to_string(),
+    }
 }
 
+/// An environment-only setting's error, naming the variable rather than a flag.
+fn variable(name: &'static str, e: ConfigError) -> ConfigError {
+    match e {
+        ConfigError::Invalid { value, reason, .. } => ConfigError::Variable {
+            name,
+            value,
+            reason,
+        },
+        other => other,
+    }
+}
 /// What `shunt istio-iptables` does, beside the options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -269,7 +281,7 @@ impl IstioArgs {
     /// Whether IPv6 rules are asked for (--dual-stack or ISTIO_DUAL_STACK).
     pub fn dual_stack(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
         let alias = env("ISTIO_DUAL_STACK")
-            .map(|v| go_bool("dual-stack (ISTIO_DUAL_STACK)", &v))
+            .map(|v| go_bool("ISTIO_DUAL_STACK", &v))
             .transpose()?;
         Ok(self.dual_stack || alias == Some(true))
     }
@@ -319,6 +331,13 @@ impl IstioArgs {
                 });
             }
         }
+        if mode == "tproxy" && !self.kube_virt_interfaces.trim().is_empty() {
+            return Err(refused(
+                "-k (--kube-virt-interfaces) with -m TPROXY",
+                "shunt captures VM interfaces in REDIRECT mode only; use -m REDIRECT, or leave \
+                 -k out",
+            ));
+        }
         if self.service_exclude_cidr.trim() == "*" {
             return Err(ConfigError::Invalid {
                 option: "istio-service-exclude-cidr (-x)",
@@ -351,12 +370,12 @@ impl IstioArgs {
         };
         let redirect_dns = self.redirect_dns
             || env("ISTIO_META_DNS_CAPTURE")
-                .map(|v| go_bool("redirect-dns (ISTIO_META_DNS_CAPTURE)", &v))
+                .map(|v| go_bool("ISTIO_META_DNS_CAPTURE", &v))
                 .transpose()?
                 == Some(true);
         let drop_invalid = self.drop_invalid
             || env("INVALID_DROP")
-                .map(|v| go_bool("drop-invalid (INVALID_DROP)", &v))
+                .map(|v| go_bool("INVALID_DROP", &v))
                 .transpose()?
                 == Some(true);
         // Istio excludes local ports only when every port is captured (its tunnel port is a
@@ -416,8 +435,8 @@ impl IstioArgs {
             Some(v) => match v.trim().parse::<IpNet>() {
                 Ok(IpNet::V4(n)) if n.addr().is_loopback() => IpNet::V4(n.trunc()),
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        option: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+                    return Err(ConfigError::Variable {
+                        name: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
                         value: v,
                         reason: "expected an IPv4 CIDR inside 127.0.0.0/8, e.g. 127.0.0.1/32"
                             .into(),
@@ -432,8 +451,24 @@ impl IstioArgs {
         };
         let include = env("ISTIO_OUTBOUND_OWNER_GROUPS");
         let exclude = env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE");
-        let groups = |option: &'static str, v: &str| {
-            crate::config::parse_ids(option, v.trim().trim_matches(','))
+        let groups = |name: &'static str, v: &str| {
+            crate::config::parse_ids(name, v.trim().trim_matches(',')).map_err(|e| {
+                match variable(name, e) {
+                    ConfigError::Variable {
+                        name,
+                        value,
+                        reason,
+                    } => ConfigError::Variable {
+                        name,
+                        value,
+                        reason: format!(
+                            "{reason}; shunt takes numeric gids only (`getent group NAME` \
+                             prints one)"
+                        ),
+                    },
+                    other => other,
+                }
+            })
         };
         let owner_groups = match include.as_deref().map(str::trim) {
             None | Some("*") => OwnerGroups::AllExcept(match &exclude {
