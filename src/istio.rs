@@ -7,7 +7,9 @@
 
 use ipnet::IpNet;
 
-use crate::config::{CaptureConfig, ConfigError, IstioLayout, OwnerGroups, RawOptions, Set};
+use crate::config::{
+    CaptureConfig, ConfigError, IdRange, IstioLayout, OwnerGroups, RawOptions, Set,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct IstioArgs {
@@ -451,24 +453,34 @@ impl IstioArgs {
         };
         let include = env("ISTIO_OUTBOUND_OWNER_GROUPS");
         let exclude = env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE");
-        let groups = |name: &'static str, v: &str| {
-            crate::config::parse_ids(name, v.trim().trim_matches(',')).map_err(|e| {
-                match variable(name, e) {
-                    ConfigError::Variable {
-                        name,
-                        value,
-                        reason,
-                    } => ConfigError::Variable {
-                        name,
-                        value,
-                        reason: format!(
-                            "{reason}; shunt takes numeric gids only (`getent group NAME` \
-                             prints one)"
-                        ),
-                    },
-                    other => other,
+        let groups = |name: &'static str, v: &str| -> Result<Vec<IdRange>, ConfigError> {
+            let mut out = Vec::new();
+            for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                if item.chars().all(|c| c.is_ascii_digit() || c == '-') {
+                    out.extend(
+                        crate::config::parse_ids(name, item).map_err(|e| variable(name, e))?,
+                    );
+                    continue;
                 }
-            })
+                // A name, as iptables' owner match resolves it: in this container's groups.
+                match nix::unistd::Group::from_name(item) {
+                    Ok(Some(g)) => out.push(IdRange {
+                        first: g.gid.as_raw(),
+                        last: g.gid.as_raw(),
+                    }),
+                    _ => {
+                        return Err(ConfigError::Variable {
+                            name,
+                            value: v.to_string(),
+                            reason: format!(
+                                "no group named '{item}' in this container's group database; \
+                                 give its numeric gid"
+                            ),
+                        })
+                    }
+                }
+            }
+            Ok(out)
         };
         let owner_groups = match include.as_deref().map(str::trim) {
             None | Some("*") => OwnerGroups::AllExcept(match &exclude {
@@ -633,10 +645,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("10.0.0.0/8") && e.contains("127.0.0.0/8"), "{e}");
-        let e = with_env(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "ftp")])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("ftp") && e.contains("numeric"), "{e}");
+        let e = with_env(
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "no-such-group")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("no-such-group") && e.contains("numeric gid"),
+            "{e}"
+        );
+        // Names resolve as iptables resolves them; root is gid 0 everywhere.
+        let l = with_env(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "root,202")])
+            .unwrap()
+            .istio
+            .unwrap();
+        assert_eq!(
+            l.owner_groups,
+            OwnerGroups::Only(vec![
+                IdRange { first: 0, last: 0 },
+                IdRange {
+                    first: 202,
+                    last: 202
+                }
+            ])
+        );
     }
 
     #[test]
