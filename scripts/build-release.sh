@@ -12,7 +12,7 @@ HOST=$(rustc -vV | sed -n 's/^host: //p')
 cd "$ROOT"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
     cargo build --release --locked --quiet --target "$HOST" "$@"
-BIN=$ROOT/target/$HOST/release/shunt
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$HOST/release/shunt
 # Fail here, not later in a namespace, if the toolchain ignored the flag.
 if ldd "$BIN" 2>/dev/null | grep -q '=>'; then
     echo "build-release: $BIN is dynamically linked" >&2

@@ -3,7 +3,10 @@
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 debs=(iptables nftables iproute2 python3 python3-prometheus-client curl procps containernetworking-plugins
-  dnsmasq-base hping3 "$@")
+  dnsmasq-base hping3
+  # scripts/e2e-podman.sh: the runtime (runc: crun refuses this machine's cgroup layout; catatonit
+  # is the pods' infra process), the base image's tree, the app image, the manifests' parser.
+  podman runc conmon catatonit debootstrap busybox-static python3-yaml binutils util-linux "$@")
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -1,6 +1,12 @@
 //! The proxy's admin HTTP server (Envoy-style, on loopback): a thin router over the proxy's
 //! counters. Every endpoint is a read (GET or HEAD); anything else gets 405.
 //!
+//! The same server, with a smaller router, answers on the pod's addresses for those outside
+//! the pod (Istio's pilot-agent does this for Envoy): the kubelet's probes
+//! (`/healthz/ready` on the health port, 15021) and, when asked for, Prometheus scrapers
+//! (`/stats/prometheus` on the metrics port). Nothing else is served there: configuration,
+//! rules and connections stay on the loopback admin port.
+//!
 //! Connections are bounded, so that clients which connect and never ask (or ask slowly)
 //! cannot grow the proxy's memory: at most `max_connections` are open, a new one past that
 //! closes the oldest one that is between requests (else the oldest), and a connection that
@@ -27,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::plan::Family;
-use crate::proxy::stats::{Direction, Stats};
+use crate::proxy::stats::{Counter, Direction, Gauge, Stats};
 
 /// Admin connections open at once, unless `--admin-max-connections` says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
@@ -61,6 +67,8 @@ const HELP: &str = "shunt proxy admin (GET):
   /connections          open connections (?format=json)
 Directions: outbound (15001), inbound (15006), dns (DNS over TCP on the DNS port).
 tx_bytes flow from the client towards the original destination, rx_bytes back.
+On the pod's addresses, for the kubelet and scrapers: /healthz/ready on --health-port (15021),
+/stats/prometheus on --metrics-port (off unless given); nothing else is served there.
 ";
 
 /// One descriptor held back for the admin port, so that `/stats` still answers when relayed
@@ -93,6 +101,15 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     )
 }
 
+/// What a listener of this server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Every endpoint: the admin port, on loopback.
+    Admin,
+    /// Only health and/or metrics: a port on the pod's addresses.
+    Public { health: bool, metrics: bool },
+}
+
 /// One open admin connection.
 struct Slot {
     /// Between requests: nothing of a request read since the last answer went out.
@@ -107,6 +124,7 @@ struct Open {
     inner: Mutex<OpenInner>,
     /// Where the count and the evictions are published.
     stats: Arc<Stats>,
+    surface: Surface,
 }
 
 #[derive(Default)]
@@ -123,11 +141,20 @@ struct OpenInner {
 const TRIM_AFTER: usize = 16;
 
 impl Open {
-    fn new(max: usize, stats: Arc<Stats>) -> Open {
+    fn new(max: usize, stats: Arc<Stats>, surface: Surface) -> Open {
         Open {
             max: max.max(1),
             inner: Mutex::new(OpenInner::default()),
             stats,
+            surface,
+        }
+    }
+
+    /// The gauge of open connections and the counter of evictions for this surface.
+    fn counters(&self) -> (&Gauge, &Counter) {
+        match self.surface {
+            Surface::Admin => (&self.stats.admin_cx_active, &self.stats.admin_cx_evicted),
+            Surface::Public { .. } => (&self.stats.public_cx_active, &self.stats.public_cx_evicted),
         }
     }
 
@@ -154,7 +181,7 @@ impl Open {
             };
             // Stores a permit: the connection closes even if its task has not polled yet.
             slot.close.notify_one();
-            self.stats.admin_cx_evicted.inc();
+            self.counters().1.inc();
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -164,7 +191,7 @@ impl Open {
         });
         inner.conns.insert(id, slot.clone());
         inner.peak = inner.peak.max(inner.conns.len());
-        self.stats.admin_cx_active.set(inner.conns.len() as u64);
+        self.counters().0.set(inner.conns.len() as u64);
         Admitted {
             open: self.clone(),
             id,
@@ -177,7 +204,7 @@ impl Open {
         let mut inner = self.lock();
         inner.conns.remove(&id);
         let left = inner.conns.len();
-        self.stats.admin_cx_active.set(left as u64);
+        self.counters().0.set(left as u64);
         let trim = inner.peak >= TRIM_AFTER && left <= inner.peak / 4;
         if trim {
             inner.peak = left;
@@ -273,10 +300,16 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Serves until the process exits; one task per admin connection.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// Serves until the process exits; one task per connection. Each listener has its own cap
+/// and reserve descriptor, so a flood of the pod-facing health port cannot lock the operator
+/// out of the admin port.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, surface: Surface) {
     let reserve = Arc::new(Reserve::default());
-    let open = Arc::new(Open::new(state.limits.max_connections, state.stats.clone()));
+    let open = Arc::new(Open::new(
+        state.limits.max_connections,
+        state.stats.clone(),
+        surface,
+    ));
     let idle_timeout = state.limits.idle_timeout;
     loop {
         // Cheap when held; refills a reserve that an earlier refill could not reopen.
@@ -303,7 +336,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move {
+                    Ok::<_, Infallible>(match surface {
+                        Surface::Admin => route(&state, &req),
+                        Surface::Public { health, metrics } => {
+                            route_public(&state.stats, &req, health, metrics)
+                        }
+                    })
+                }
             });
             let io = Watched {
                 sock,
@@ -349,16 +389,65 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, "application/json", body)
 }
 
+fn read_only() -> Response<Full<Bytes>> {
+    let mut r = reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain; charset=utf-8",
+        "every admin endpoint is read-only: use GET\n".into(),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
+}
+
+/// 200 `LIVE` while serving, 503 `DRAINING` after SIGTERM: `/ready` on the admin port,
+/// `/healthz/ready` on the health port.
+fn ready(stats: &Stats) -> Response<Full<Bytes>> {
+    if stats.is_draining() {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "DRAINING\n".into(),
+        )
+    } else {
+        text("LIVE\n".into())
+    }
+}
+
+fn metrics(stats: &Stats) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        prometheus(stats),
+    )
+}
+
+/// The pod-facing ports: `/healthz/ready` where `health`, `/stats/prometheus` (and
+/// `/metrics`, Prometheus's default path) where `metrics`; everything else is 404, without
+/// the admin port's list of endpoints.
+pub fn route_public<B>(
+    stats: &Stats,
+    req: &Request<B>,
+    health: bool,
+    metrics_on: bool,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return read_only();
+    }
+    match req.uri().path() {
+        "/healthz/ready" if health => ready(stats),
+        "/stats/prometheus" | "/metrics" if metrics_on => metrics(stats),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+    }
+}
+
 pub fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "every admin endpoint is read-only: use GET\n".into(),
-        );
-        r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
+        return read_only();
     }
     let want_json = req
         .uri()
@@ -367,24 +456,10 @@ pub fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
     let stats = &state.stats;
     match req.uri().path() {
         "/" | "/help" => text(HELP.into()),
-        "/ready" => {
-            if stats.is_draining() {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain; charset=utf-8",
-                    "DRAINING\n".into(),
-                )
-            } else {
-                text("LIVE\n".into())
-            }
-        }
+        "/ready" => ready(stats),
         "/stats" if want_json => json(&stats_json(stats)),
         "/stats" => text(stats_text(stats)),
-        "/stats/prometheus" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            prometheus(stats),
-        ),
+        "/stats/prometheus" => metrics(stats),
         "/clusters" if want_json => json(&clusters_json(stats)),
         "/clusters" => text(clusters_text(stats)),
         "/config_dump" => json(&serde_json::json!({
@@ -492,7 +567,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 11] {
+fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 13] {
     let dns = &stats.dns;
     [
         (
@@ -542,6 +617,18 @@ fn process_metrics(stats: &Stats) -> [(&'static str, &'static str, bool, u64); 1
             "Admin connections closed to make room for a newer one (--admin-max-connections).",
             true,
             stats.admin_cx_evicted.get(),
+        ),
+        (
+            "public_cx_active",
+            "Connections open now to the health and metrics ports.",
+            false,
+            stats.public_cx_active.get(),
+        ),
+        (
+            "public_cx_evicted",
+            "Health and metrics connections closed to make room for a newer one.",
+            true,
+            stats.public_cx_evicted.get(),
         ),
         (
             "draining",
@@ -831,10 +918,44 @@ mod tests {
         .is_ok()
     }
 
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    /// The pod-facing ports answer health and metrics as configured, and nothing of the
+    /// admin port: no configuration, rules or connections, not even the list of endpoints.
+    #[test]
+    fn the_public_router_serves_only_health_and_metrics() {
+        let stats = Stats::default();
+        let status = |req: &Request<()>, health, metrics| {
+            route_public(&stats, req, health, metrics).status().as_u16()
+        };
+        assert_eq!(status(&get("/healthz/ready"), true, false), 200);
+        assert_eq!(status(&get("/healthz/ready"), false, true), 404);
+        assert_eq!(status(&get("/stats/prometheus"), true, false), 404);
+        assert_eq!(status(&get("/stats/prometheus"), false, true), 200);
+        assert_eq!(status(&get("/metrics"), true, true), 200);
+        for path in [
+            "/",
+            "/help",
+            "/ready",
+            "/stats",
+            "/clusters",
+            "/config_dump",
+            "/connections",
+        ] {
+            assert_eq!(status(&get(path), true, true), 404, "{path}");
+        }
+        let post = Request::post("/healthz/ready").body(()).unwrap();
+        assert_eq!(status(&post, true, true), 405);
+        stats.draining.store(true, Relaxed);
+        assert_eq!(status(&get("/healthz/ready"), true, true), 503);
+    }
+
     #[test]
     fn the_cap_closes_the_oldest_idle_connection_first() {
         let stats = Arc::new(Stats::default());
-        let open = Arc::new(Open::new(2, stats.clone()));
+        let open = Arc::new(Open::new(2, stats.clone(), Surface::Admin));
         let a = open.admit();
         let b = open.admit();
         // a is mid-request: b, younger but idle, makes room for c.

@@ -249,11 +249,6 @@ impl Running {
     }
 }
 
-/// Waits for every tool (so none is left behind) and returns every result, in order.
-fn wait_all(running: Vec<Running>) -> Vec<Result<String, NetfilterError>> {
-    running.into_iter().map(Running::wait).collect()
-}
-
 /// What one backend holds for one family in a namespace.
 pub fn save(
     backend: Backend,
@@ -270,19 +265,45 @@ pub fn save_all(
 ) -> Result<Vec<rules::Saved>, NetfilterError> {
     let mut running = Vec::new();
     for (backend, family) in which {
-        running.push(spawn_tool(&backend.tool(*family, "save"), &[], None, ns)?);
+        running.push(match legacy_is_empty(*backend, *family, ns) {
+            true => None,
+            false => Some(spawn_tool(&backend.tool(*family, "save"), &[], None, ns)?),
+        });
     }
-    wait_all(running)
+    running
         .into_iter()
+        .map(|r| r.map(Running::wait))
         .zip(which)
         .map(|(out, (backend, family))| {
-            let text = out?;
-            rules::parse(&text).map_err(|source| NetfilterError::Parse {
+            let Some(out) = out else {
+                return Ok(rules::Saved::default());
+            };
+            rules::parse(&out?).map_err(|source| NetfilterError::Parse {
                 tool: backend.tool(*family, "save"),
                 source,
             })
         })
         .collect()
+}
+
+/// Whether legacy iptables has no table at all in the namespace: the kernel lists the legacy
+/// tables a namespace has in /proc/net/ip{,6}_tables_names, and a save of none prints nothing,
+/// so the process is not started (most namespaces on an nft node have none).
+fn legacy_is_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
+    if backend != Backend::Legacy {
+        return false;
+    }
+    let file = match family {
+        Family::V4 => "/proc/thread-self/net/ip_tables_names",
+        Family::V6 => "/proc/thread-self/net/ip6_tables_names",
+    };
+    // /proc/net is /proc/self/net, the main thread's namespace; thread-self is this one's.
+    netns::run_in(ns, move || match std::fs::read_to_string(file) {
+        Ok(text) => text.trim().is_empty(),
+        // No file: the legacy modules are not loaded, so there are no legacy tables.
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    })
+    .unwrap_or(false)
 }
 
 /// shunt's part of every table, from a save.

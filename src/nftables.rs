@@ -681,10 +681,12 @@ mod tests {
             text.contains("elements = { 10.0.0.0/8, 192.168.1.1 }"),
             "{text}"
         );
+        // One IPv6 prefix needs no set.
         assert!(
-            text.contains("type ipv6_addr\n\t\tflags interval\n\t\telements = { fd00::/8 }"),
+            text.contains("\t\tip6 daddr fd00::/8 meta l4proto tcp return\n"),
             "{text}"
         );
+        assert!(!text.contains("ipv6_addr"), "{text}");
         assert!(text.contains("ip daddr @v4_nat_SHUNT_OUTBOUND_"), "{text}");
         // 40 ports were three multiport rules on iptables: one set here.
         assert_eq!(text.matches("tcp dport { 100, 200,").count(), 2, "{text}");

@@ -970,7 +970,7 @@ fn dns_over_tcp_from_a_remote_host_is_refused() {
 /// listening port at both pod addresses. DNS over TCP from the app still reaches the
 /// forwarder through the rules, in both families.
 #[test]
-fn only_the_outbound_and_inbound_listeners_face_the_network() {
+fn only_the_relay_and_health_listeners_face_the_network() {
     require_netns!();
     let t = Topology::new();
     let _upstream = echo_server(t.remote.listen("10.200.0.1:53"), Duration::from_secs(30));
@@ -984,10 +984,17 @@ fn only_the_outbound_and_inbound_listeners_face_the_network() {
         .map(|l| (l.tcp, l.addr.to_string()))
         .collect();
     exposed.sort();
-    let want: Vec<(bool, String)> = ["0.0.0.0:15001", "0.0.0.0:15006", "[::]:15001", "[::]:15006"]
-        .iter()
-        .map(|a| (true, a.to_string()))
-        .collect();
+    let want: Vec<(bool, String)> = [
+        "0.0.0.0:15001",
+        "0.0.0.0:15006",
+        "0.0.0.0:15021",
+        "[::]:15001",
+        "[::]:15006",
+        "[::]:15021",
+    ]
+    .iter()
+    .map(|a| (true, a.to_string()))
+    .collect();
     assert_eq!(exposed, want, "sockets off loopback");
     let has = |tcp: bool, addr: &str| {
         all.contains(&Listening {
@@ -1017,7 +1024,7 @@ fn only_the_outbound_and_inbound_listeners_face_the_network() {
             let reached = t.remote.connect_as(0, 0, &hp(pod, port)).is_ok();
             assert_eq!(
                 reached,
-                port == 15001 || port == 15006,
+                [15001, 15006, 15021].contains(&port),
                 "{pod} port {port} from the remote"
             );
         }
@@ -1043,6 +1050,112 @@ fn only_the_outbound_and_inbound_listeners_face_the_network() {
         echo(&c, b"\x00\x05query").unwrap_or_else(|e| panic!("{server}: {e}"));
     }
     assert_eq!(proxy.stat("dns.downstream_cx_total"), 2);
+}
+
+/// GET from the remote namespace: (status, body), or None when nothing answers in HTTP.
+fn remote_get(t: &Topology, host: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let addr: std::net::SocketAddr = hp(host, port).parse().unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n");
+    let raw = t
+        .remote
+        .handle
+        .run(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(req.as_bytes())?;
+            let mut buf = vec![];
+            s.read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// What the kubelet and a scraper outside the pod see: /healthz/ready on the pod's
+/// addresses (200, then 503 once SIGTERM starts the drain), metrics on --metrics-port, and
+/// nothing of the admin port, which stays on loopback. A probe the rules did not exclude
+/// still works (through the inbound listener); excluded, as the manifests do, it goes
+/// straight to the health port.
+#[test]
+fn health_port_answers_the_pod_address_and_turns_503_while_draining() {
+    require_netns!();
+    let t = Topology::new();
+    let mut proxy = Proxy::start(&t, &["--drain-timeout", "20s", "--metrics-port", "15020"]);
+    // Default rules: 15021 is captured, relayed from 127.0.0.6 to the health listener.
+    assert_eq!(
+        remote_get(&t, POD_V4, 15021, "/healthz/ready"),
+        Some((200, "LIVE\n".into()))
+    );
+    assert_eq!(proxy.stat("inbound.downstream_cx_total"), 1);
+
+    // As the manifests apply it: 15020 and 15021 are not captured.
+    let out = t
+        .pod
+        .shunt(&["apply", "--exclude-inbound-ports", "15020,15021"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    for pod in [POD_V4, POD_V6] {
+        assert_eq!(
+            remote_get(&t, pod, 15021, "/healthz/ready"),
+            Some((200, "LIVE\n".into())),
+            "{pod}"
+        );
+        let (code, prom) = remote_get(&t, pod, 15020, "/stats/prometheus").unwrap();
+        assert!(
+            code == 200 && prom.contains("# TYPE shunt_downstream_cx_total counter"),
+            "{prom}"
+        );
+        // Each port serves its own endpoint and nothing of the admin's.
+        for (port, path) in [
+            (15021, "/stats/prometheus"),
+            (15020, "/healthz/ready"),
+            (15021, "/config_dump"),
+            (15020, "/clusters"),
+            (15021, "/ready"),
+        ] {
+            assert_eq!(
+                remote_get(&t, pod, port, path).map(|r| r.0),
+                Some(404),
+                "{pod}:{port}{path}"
+            );
+        }
+        // The admin port: captured, then refused as a loop; never an answer.
+        assert_eq!(remote_get(&t, pod, 15000, "/ready"), None, "{pod}:15000");
+    }
+    assert_eq!(
+        proxy.stat("inbound.downstream_cx_total"),
+        3,
+        "only the two admin attempts"
+    );
+    assert_eq!(proxy.stat("inbound.downstream_cx_loop"), 2);
+
+    // A transfer keeps the drain going; meanwhile the probe says 503.
+    let server = t.remote.listen("0.0.0.0:9400");
+    let held = app_connect(&t, &hp(REMOTE_V4, 9400));
+    let accepted = accept_within(&server, Duration::from_secs(5)).expect("held connection");
+    proxy.terminate();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match remote_get(&t, POD_V4, 15021, "/healthz/ready") {
+            Some((503, body)) => {
+                assert_eq!(body, "DRAINING\n");
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "after SIGTERM: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        remote_get(&t, POD_V6, 15021, "/healthz/ready").map(|r| r.0),
+        Some(503)
+    );
+    drop((held, accepted));
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("proxy did not exit");
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
 }
 
 #[test]
@@ -1087,6 +1200,25 @@ fn bad_flags_are_refused_naming_the_value() {
     let (code, err) = run(&["--admin-max-connections", "0"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--admin-max-connections 0"), "{err}");
+    // The pod-facing ports may share one port with each other, never another listener's.
+    for (args, names) in [
+        (
+            ["--health-port", "15001"],
+            ["--health-port 15001", "--outbound-port"],
+        ),
+        (
+            ["--metrics-port", "15000"],
+            ["--metrics-port 15000", "--admin-addr"],
+        ),
+        (
+            ["--metrics-port", "15053"],
+            ["--metrics-port 15053", "--dns-port"],
+        ),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(names.iter().all(|n| err.contains(n)), "{err}");
+    }
     // The same flag from the environment.
     let out = refused_within(
         common::shunt_command()

@@ -327,7 +327,26 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             let mut cfg = cfg.map_err(|e| cni_err(code::INVALID_CONFIG, e.to_string(), ""))?;
             cfg.backend = BackendChoice::Auto;
             match capture::clean(&cfg) {
-                Ok(_) => Ok(None),
+                Ok(report) => {
+                    // The runtime shows nothing of a successful DEL: say what went, so that
+                    // a log_file tells a DEL that cleaned from one that found nothing.
+                    let removed: Vec<String> = report
+                        .removed
+                        .iter()
+                        .map(|(backend, family, _)| {
+                            format!("{} ({})", family.name(), backend.name())
+                        })
+                        .collect();
+                    if removed.is_empty() {
+                        tracing::info!("DEL: no shunt rules in {netns}; nothing to do");
+                    } else {
+                        tracing::info!(
+                            "DEL: removed shunt's {} rules in {netns}",
+                            removed.join(" and ")
+                        );
+                    }
+                    Ok(None)
+                }
                 Err(_) if netns_gone(&netns) => Ok(None),
                 Err(e) => Err(cni_err(code::IO, e.to_string(), "")),
             }

@@ -3,7 +3,8 @@
 //! ```text
 //! listener (15001 out, 15006 in; v4 + v6) -> forward: original destination, loop check,
 //!   connect (inbound from 127.0.0.6 / ::6) -> relay (splice or copy, both ways) -> access log
-//! stats <- admin (127.0.0.1:15000)
+//! stats <- admin (127.0.0.1:15000); health (/healthz/ready on *:15021) and metrics
+//!          (--metrics-port) on the pod's addresses
 //! ```
 //! Listeners are bound first, then the process drops to `--user`; SIGTERM closes the listeners,
 //! turns `/ready` to 503 and lets open connections finish for up to `--drain-timeout`, then
@@ -112,7 +113,7 @@ fn port(s: &str) -> Result<u16, String> {
 /// Flags of `shunt proxy` (SPEC §4). Each one is also an environment variable `SHUNT_PROXY_*`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  shunt proxy --user 1337                      # as a sidecar: bind, then run as uid/gid 1337\n  SHUNT_PROXY_MAX_CONNECTIONS=5000 shunt proxy --drain-timeout 20s --log-format json\n  curl -s 127.0.0.1:15000/clusters             # per original destination counters\n\nAdmin endpoints (GET): /help /ready /stats /stats/prometheus /clusters[?format=json] /config_dump /connections[?format=json]"
+    after_help = "Examples:\n  shunt proxy --user 1337                      # as a sidecar: bind, then run as uid/gid 1337\n  SHUNT_PROXY_MAX_CONNECTIONS=5000 shunt proxy --drain-timeout 20s --log-format json\n  curl -s 127.0.0.1:15000/clusters             # per original destination counters\n  curl -s POD_IP:15021/healthz/ready           # the kubelet's probe: 200, or 503 while draining\n\nAdmin endpoints (GET): /help /ready /stats /stats/prometheus /clusters[?format=json] /config_dump /connections[?format=json]\nOn the pod's addresses: /healthz/ready (--health-port), /stats/prometheus (--metrics-port)"
 )]
 pub struct ProxyArgs {
     /// Port that captured outbound TCP is redirected to
@@ -135,6 +136,16 @@ pub struct ProxyArgs {
     /// or m; more than 0)
     #[arg(long, env = "SHUNT_PROXY_ADMIN_IDLE_TIMEOUT", default_value = "10s", value_parser = duration::positive)]
     pub admin_idle_timeout: Duration,
+    /// Health port on the pod's addresses (0.0.0.0 and [::]) for the kubelet's probes:
+    /// GET /healthz/ready, 200 while serving, 503 while draining, nothing else (Istio's
+    /// 15021); 0 turns it off
+    #[arg(long, env = "SHUNT_PROXY_HEALTH_PORT", default_value_t = 15021)]
+    pub health_port: u16,
+    /// Prometheus port on the pod's addresses for scrapers outside the pod: GET
+    /// /stats/prometheus (or /metrics), nothing else (Istio uses 15020 or 15090); may be the
+    /// health port; 0 (the default) turns it off
+    #[arg(long, env = "SHUNT_PROXY_METRICS_PORT", default_value_t = 0)]
+    pub metrics_port: u16,
     /// DNS forwarder port (UDP and TCP; what --redirect-dns captures to); 0 turns it off
     #[arg(long, env = "SHUNT_PROXY_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
@@ -209,6 +220,24 @@ impl ProxyArgs {
                 self.admin_addr
             )));
         }
+        // The health and metrics ports may be one port (one listener serving both), never
+        // another listener's.
+        for (flag, p) in [
+            ("--health-port", self.health_port),
+            ("--metrics-port", self.metrics_port),
+        ] {
+            let taken = [
+                ("--outbound-port", self.outbound_port),
+                ("--inbound-port", self.inbound_port),
+                ("--dns-port", self.dns_port),
+                ("--admin-addr", self.admin_addr.port()),
+            ];
+            if let Some((other, _)) = taken.iter().find(|(_, q)| p != 0 && *q == p) {
+                return Err(ProxyError::Config(format!(
+                    "{flag} {p} is also {other}'s port; give another port (or 0 to turn it off)"
+                )));
+            }
+        }
         if !(1..=64).contains(&self.workers) {
             return Err(ProxyError::Config(format!(
                 "--workers {} is out of range (1-64)",
@@ -260,6 +289,8 @@ impl ProxyArgs {
             "admin_addr": self.admin_addr.to_string(),
             "admin_max_connections": self.admin_max_connections,
             "admin_idle_timeout_ms": self.admin_idle_timeout.as_millis() as u64,
+            "health_port": self.health_port,
+            "metrics_port": self.metrics_port,
             "dns_port": self.dns_port,
             "dns_upstream": self.dns_upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mode": self.mode,
@@ -476,6 +507,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
         source,
     })?;
     let admin_addr = admin.local_addr().unwrap_or(args.admin_addr);
+    let public = bind_public(&args)?;
     if let Some(user) = args.user {
         drop_privileges(user, args.mode == Mode::Tproxy)?;
     }
@@ -524,7 +556,18 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
             idle_timeout: args.admin_idle_timeout,
         },
     });
-    tokio::spawn(crate::admin::serve(admin, admin_state));
+    let mut public_addrs = vec![];
+    for (l, surface) in public {
+        if let Ok(a) = l.local_addr() {
+            public_addrs.push(a.to_string());
+        }
+        tokio::spawn(crate::admin::serve(l, admin_state.clone(), surface));
+    }
+    tokio::spawn(crate::admin::serve(
+        admin,
+        admin_state,
+        crate::admin::Surface::Admin,
+    ));
 
     // Keeps the timer wheel's next wake-up under a second away, so arming a connect timeout
     // (5 s) never has to wake the event loop: tokio writes its eventfd whenever a new timer is
@@ -558,6 +601,7 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     tracing::info!(
         listeners = addrs.join(" "),
         admin = %admin_addr,
+        public = public_addrs.join(" "),
         max_connections,
         relay = ?args.relay,
         dns_upstream = ?dns_upstreams,
@@ -567,6 +611,45 @@ async fn serve(args: ProxyArgs, nofile: u64, rules: serde_json::Value) -> Result
     signals.wait().await;
     drain(&shared, &stop_tx, args.drain_timeout).await;
     Ok(())
+}
+
+/// The health and metrics listeners, on the wildcard addresses of both families (the pod's
+/// addresses, where the kubelet and scrapers connect), one per distinct port.
+///
+/// Their ports are not among the loop check's own ports: a probe that the capture rules did
+/// not exclude reaches the inbound listener, which relays it to the health port from
+/// 127.0.0.6 (the proxy's own connection, never captured again), so the probe still works,
+/// just one hop longer. The manifests exclude 15020 and 15021 from inbound capture, as Istio
+/// does, to spare that hop.
+fn bind_public(args: &ProxyArgs) -> Result<Vec<(TcpListener, crate::admin::Surface)>, ProxyError> {
+    let mut ports = vec![args.health_port, args.metrics_port];
+    ports.retain(|&p| p != 0);
+    ports.dedup();
+    let mut out = vec![];
+    for port in ports {
+        let surface = crate::admin::Surface::Public {
+            health: port == args.health_port,
+            metrics: port == args.metrics_port,
+        };
+        let what = if port == args.health_port {
+            "health"
+        } else {
+            "metrics"
+        };
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let l = listener::bind(v4).map_err(|source| ProxyError::Bind {
+            what,
+            addr: v4,
+            source,
+        })?;
+        out.push((l, surface));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        match listener::bind(v6) {
+            Ok(l) => out.push((l, surface)),
+            Err(e) => tracing::warn!("no IPv6 {what} listener on {v6}: {e}"),
+        }
+    }
+    Ok(out)
 }
 
 /// SIGTERM and SIGINT, installed before the proxy reports ready.

@@ -242,6 +242,9 @@ pub struct Stats {
     pub admin_cx_active: Gauge,
     /// Admin connections closed to make room for a newer one.
     pub admin_cx_evicted: Counter,
+    /// The same for the health and metrics ports.
+    pub public_cx_active: Gauge,
+    pub public_cx_evicted: Counter,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnInfo>>>,
     next_id: AtomicU64,
@@ -258,6 +261,8 @@ impl Default for Stats {
             dns: DnsStats::default(),
             admin_cx_active: Gauge::default(),
             admin_cx_evicted: Counter::default(),
+            public_cx_active: Gauge::default(),
+            public_cx_evicted: Counter::default(),
             clusters: Mutex::new(HashMap::new()),
             conns: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
