@@ -179,6 +179,10 @@ pub struct IstioArgs {
     /// Refused: shunt's CNI mode is the CNI plugin itself (`shunt cni install`)
     #[arg(long = "cni-mode", env = "CNI_MODE", hide = true)]
     pub cni_mode: bool,
+    /// shunt only: compare the installed rules with these flags' rules, change nothing (exit 0
+    /// in sync, 3 drift), as `shunt check` does for `shunt apply`'s options
+    #[arg(long = "check")]
+    pub check: bool,
     /// Istio's log levels (`default:info`); shunt's verbosity is RUST_LOG
     #[arg(long = "log_output_level", alias = "log-output-level", hide = true)]
     pub log_output_level: Option<String>,
@@ -261,6 +265,8 @@ pub enum Action {
     Nothing,
     /// --cleanup-only
     Clean,
+    /// --check (shunt only)
+    Check,
 }
 
 impl IstioArgs {
@@ -273,6 +279,8 @@ impl IstioArgs {
     pub fn action(&self) -> Action {
         if self.cleanup_only {
             Action::Clean
+        } else if self.check {
+            Action::Check
         } else if self.skip_rule_apply {
             Action::Nothing
         } else {

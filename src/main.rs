@@ -352,6 +352,15 @@ fn run_istio(cli: IstioCli) -> Result<i32, Error> {
             }
             return Ok(exit::OK);
         }
+        istio::Action::Check => {
+            let report = capture::check(&cfg)?;
+            if report.in_sync() {
+                print("in sync: the installed rules match these istio-iptables flags\n");
+                return Ok(exit::OK);
+            }
+            print(&capture::drift_text(&report));
+            return Ok(exit::DRIFT);
+        }
         istio::Action::Nothing => tracing::info!("--skip-rule-apply: rules left as they are"),
         istio::Action::Apply => {
             let report = capture::apply(&cfg, istio.dry_run)?;

@@ -1115,6 +1115,10 @@ fn istio_iptables_flag_sets() {
     assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
     ok(&ns.shunt(&["istio-iptables", "-i", "*", "-b", "*"]));
     assert!(ns.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+    // --check: in sync with the same flags, drift (3) with others.
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "-b", "*", "--check"]));
+    let drift = ns.shunt(&["istio-iptables", "-i", "*", "-b", "8080", "--check"]);
+    assert_eq!(drift.status.code(), Some(3), "{}", stderr(&drift));
     ok(&ns.shunt(&["istio-iptables", "--cleanup-only"]));
     assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
 }
