@@ -624,6 +624,49 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.exists())
 }
 
+/// The fixtures are generate.py's output for exactly these cases: one `.v4` per case, and a
+/// fresh run of the generator (when python3 is here) writes the same bytes.
+#[test]
+fn fixtures_are_the_generators_output_for_these_cases() {
+    let dir = format!("{}/tests/fixtures/istio", env!("CARGO_MANIFEST_DIR"));
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            Some(name.strip_suffix(".v4")?.to_string())
+        })
+        .collect();
+    on_disk.sort();
+    let mut names: Vec<String> = cases().iter().map(|c| c.0.to_string()).collect();
+    names.sort();
+    assert_eq!(on_disk, names, "fixtures/istio/*.v4 and cases() disagree");
+    let Some(python) = which("python3") else {
+        eprintln!("SKIPPED (generator check): python3 is not installed");
+        return;
+    };
+    let out = std::env::temp_dir().join(format!("shunt-istio-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let run = std::process::Command::new(python)
+        .arg(format!("{dir}/generate.py"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "generate.py: {}", stderr(&run));
+    let mut stale = Vec::new();
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let fresh = std::fs::read_to_string(out.join(&name)).unwrap();
+        if fixture(&name).as_deref() != Some(fresh.as_str()) {
+            stale.push(name);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(
+        stale.is_empty(),
+        "stale fixtures (re-run python3 tests/fixtures/istio/generate.py): {stale:?}"
+    );
+}
+
 #[test]
 fn same_outcomes_as_istio_iptables_nft() {
     differential("nft");
