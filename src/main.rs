@@ -278,7 +278,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
 #[command(
     name = "shunt istio-iptables",
     about = "Istio's istio-iptables, flag for flag: run shunt's image as an unchanged istio-init",
-    after_help = "Examples:\n  shunt istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020\n  shunt istio-iptables -p 15001 -u 1337 -i '*' --redirect-dns -n"
+    after_help = "Examples:\n  shunt istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020\n  shunt istio-iptables -p 15001 -u 1337 -i '*' --redirect-dns -n      # print the rules\n  shunt istio-iptables -i '*' -b '*' --check     # do the installed rules match?\n  shunt istio-iptables --cleanup-only\n\nThe rules are Istio's, in Istio's order, in SHUNT_* chains; see the README's \"Coming from Istio\"."
 )]
 struct IstioCli {
     #[command(flatten)]
