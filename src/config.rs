@@ -24,6 +24,19 @@ pub enum ConfigError {
     },
     #[error("conflicting options: {0}")]
     Conflict(String),
+    /// A bad environment variable that has no flag (Istio's environment-only settings).
+    #[error("invalid value '{value}' for the variable {name}: {reason}")]
+    Variable {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// A flag shunt knows and deliberately does not implement.
+    #[error("{option} is not supported: {reason}")]
+    Unsupported {
+        option: &'static str,
+        reason: String,
+    },
     #[error("cannot read config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
 }
@@ -357,6 +370,37 @@ pub struct CaptureConfig {
     /// Bound on waiting for the namespace's lock and on each child tool.
     #[serde(skip)]
     pub wait: std::time::Duration,
+    /// Istio's rule order and quirks instead of shunt's; only `shunt istio-iptables` sets it
+    /// (no flag, variable or key), so `shunt apply`'s plan never changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio: Option<IstioLayout>,
+}
+
+/// What `istio-iptables` does differently from shunt, as typed values: the plan lays its
+/// rules out in Istio's order (`plan::istio_ruleset`) when a config carries one of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IstioLayout {
+    /// `-e`: never captured inbound, never sent to the inbound port by the proxy's own dials.
+    pub tunnel_port: u16,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR` (127.0.0.1/32): the only IPv4 loopback destination
+    /// the proxy's dials through lo are spared for, and the one never captured outbound.
+    /// shunt spares all of 127.0.0.0/8.
+    pub loopback_v4: IpNet,
+    /// Whether the app's traffic through lo is let through (`-o lo ! --uid-owner P -j RETURN`).
+    /// Istio drops those rules when `-i` holds a loopback range, so that range is captured.
+    pub lo_return: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` / `..._EXCLUDE`: whose outbound traffic is captured.
+    pub owner_groups: OwnerGroups,
+}
+
+/// Istio's owner-group filter on outbound capture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerGroups {
+    /// Every group except these (Istio's default: `*` with no exclusions).
+    AllExcept(Vec<IdRange>),
+    /// Only these groups.
+    Only(Vec<IdRange>),
 }
 
 impl Default for CaptureConfig {
@@ -453,7 +497,7 @@ fn parse_cidr_set(option: &'static str, value: &str) -> Result<Set<IpNet>, Confi
     Ok(Set::List(out))
 }
 
-fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigError> {
+pub(crate) fn parse_ids(option: &'static str, value: &str) -> Result<Vec<IdRange>, ConfigError> {
     let id = |s: &str| {
         s.trim().parse::<u32>().map_err(|_| {
             invalid(
@@ -693,6 +737,7 @@ impl RawOptions {
                 let v = get(&self.wait, "30s");
                 crate::duration::positive(&v).map_err(|e| invalid("wait", &v, e.to_string()))?
             },
+            istio: None,
         };
         cfg.check_combinations()?;
         Ok(cfg)

@@ -278,7 +278,7 @@ fn run(cli: Cli) -> Result<i32, Error> {
 #[command(
     name = "shunt istio-iptables",
     about = "Istio's istio-iptables, flag for flag: run shunt's image as an unchanged istio-init",
-    after_help = "Examples:\n  shunt istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020\n  shunt istio-iptables -p 15001 -u 1337 -i '*' --redirect-dns -n"
+    after_help = "Examples:\n  shunt istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020\n  shunt istio-iptables -p 15001 -u 1337 -i '*' --redirect-dns -n      # print the rules\n  shunt istio-iptables -i '*' -b '*' --check     # do the installed rules match?\n  shunt istio-iptables --cleanup-only\n\nThe rules are Istio's, in Istio's order, in SHUNT_* chains; see the README's \"Coming from Istio\"."
 )]
 struct IstioCli {
     #[command(flatten)]
@@ -298,31 +298,94 @@ fn spawn_error(e: std::io::Error) -> Error {
     })
 }
 
+/// The addresses of the namespace `netns` names (the current one without it).
+fn namespace_addrs(netns: Option<&str>) -> Result<Vec<std::net::IpAddr>, Error> {
+    let read = || -> Vec<std::net::IpAddr> {
+        nix::ifaddrs::getifaddrs()
+            .map(|all| {
+                all.filter_map(|i| {
+                    let a = i.address?;
+                    a.as_sockaddr_in()
+                        .map(|s| std::net::IpAddr::V4(s.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(match netns {
+        Some(path) => shunt::netns::Netns::open(std::path::Path::new(path))?.run(read)?,
+        None => read(),
+    })
+}
+
 fn run_istio(cli: IstioCli) -> Result<i32, Error> {
     let IstioCli { istio, netns, .. } = cli;
-    let mut raw = istio.to_options()?;
-    raw.netns = netns;
-    let cfg = raw.resolve()?;
-    let report = capture::apply(&cfg, istio.dry_run)?;
-    for (family, script) in &report.changes {
-        let verb = if istio.dry_run {
-            "would apply"
-        } else {
-            "applied"
-        };
-        tracing::info!("{verb} {} rules:\n{}", family.name(), script.trim_end());
-        if istio.dry_run {
-            print(&format!("# {} changes\n{script}", family.name()));
+    let env = |k: &str| std::env::var(k).ok();
+    let mut raw = istio.to_options_with(env)?;
+    if netns.is_some() {
+        raw.netns = netns;
+    }
+    let dual_stack = istio.dual_stack(&env)?;
+    if istio.iptables_probe_port.is_some() {
+        tracing::warn!(
+            "--iptables-probe-port is not used: shunt validate listens on the outbound port itself"
+        );
+    }
+    if let Some(level) = &istio.log_output_level {
+        tracing::debug!("--log_output_level={level}: shunt's log level comes from RUST_LOG");
+    }
+    let mut cfg = raw.resolve()?;
+    cfg.istio = Some(istio.layout(&cfg, env)?);
+    let ipv6 = istio::wants_ipv6(dual_stack, &namespace_addrs(raw.netns.as_deref())?);
+    cfg.ipv6 = if ipv6 {
+        shunt::config::Ipv6::On
+    } else {
+        shunt::config::Ipv6::Off
+    };
+    raw.ipv6 = Some(if ipv6 { "on" } else { "off" }.to_string());
+    match istio.action() {
+        istio::Action::Clean => {
+            let report = capture::clean(&cfg)?;
+            for (engine, part, _) in &report.removed {
+                tracing::info!("removed shunt's rules: {engine:?} {part:?}");
+            }
+            return Ok(exit::OK);
+        }
+        istio::Action::Check => {
+            let report = capture::check(&cfg)?;
+            if report.in_sync() {
+                print("in sync: the installed rules match these istio-iptables flags\n");
+                return Ok(exit::OK);
+            }
+            print(&capture::drift_text(&report));
+            return Ok(exit::DRIFT);
+        }
+        istio::Action::Nothing => tracing::info!("--skip-rule-apply: rules left as they are"),
+        istio::Action::Apply => {
+            let report = capture::apply(&cfg, istio.dry_run)?;
+            for (family, script) in &report.changes {
+                let verb = if istio.dry_run {
+                    "would apply"
+                } else {
+                    "applied"
+                };
+                tracing::info!("{verb} {} rules:\n{}", family.name(), script.trim_end());
+                if istio.dry_run {
+                    print(&format!("# {} changes\n{script}", family.name()));
+                }
+            }
         }
     }
     if istio.run_validation && !istio.dry_run {
         // The same check as `shunt validate`, with the options translated above.
         let exe = std::env::current_exe().map_err(spawn_error)?;
-        let status = std::process::Command::new(exe)
-            .arg("validate")
-            .envs(istio::as_env(&raw))
-            .status()
-            .map_err(spawn_error)?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("validate").envs(istio::as_env(&raw));
+        if let Some(t) = &istio.probe_timeout {
+            cmd.args(["--timeout", t.trim()]);
+        }
+        let status = cmd.status().map_err(spawn_error)?;
         return Ok(status.code().unwrap_or(exit::FAILURE));
     }
     Ok(exit::OK)

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{CaptureConfig, IdRange, Mode, PortRange, Set};
+use crate::config::{CaptureConfig, IdRange, IstioLayout, Mode, OwnerGroups, PortRange, Set};
 
 /// Every chain shunt owns starts with this; `clean` and `check` recognise shunt's rules by it.
 pub const CHAIN_PREFIX: &str = "SHUNT_";
@@ -378,6 +378,9 @@ fn dns_rules(targets: &Option<Vec<IpNet>>, proto: Proto, target: &Target) -> Vec
 }
 
 fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
+    if let Some(istio) = &cfg.istio {
+        return istio_ruleset(cfg, istio, family);
+    }
     let lo = || iface_out("lo");
     let dns = cfg.redirect_dns.then(|| dns_targets(cfg, family));
     let to_dns = Target::Redirect {
@@ -637,6 +640,436 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
     });
     tables.sort_by_key(|t| t.name);
     Ruleset { family, tables }
+}
+
+// === Istio's layout ===
+
+/// The mark Istio's TPROXY mode puts on the proxy's own dials through lo (its `OutboundMark`),
+/// so that they, and only they, take the inbound path in mangle.
+pub const ISTIO_OUTBOUND_MARK: u32 = 1338;
+
+const IN_PREROUTING: &str = "SHUNT_PREROUTING";
+const INBOUND_PORTS: &str = "SHUNT_INBOUND_PORTS";
+
+fn not(m: Match) -> Match {
+    match m {
+        Match::Destination { net, .. } => Match::Destination { net, negate: true },
+        Match::Owner { kind, id, .. } => Match::Owner {
+            kind,
+            id,
+            negate: true,
+        },
+        Match::DestinationPorts { ports, .. } => Match::DestinationPorts {
+            ports,
+            negate: true,
+        },
+        other => other,
+    }
+}
+
+/// `istio-iptables`' rules, rule for rule in Istio's order (tools/istio-iptables
+/// `capture/run.go`), in shunt's chains: `ISTIO_OUTPUT` is `SHUNT_OUTPUT`, `ISTIO_INBOUND`
+/// `SHUNT_INBOUND`, and so on. The only changes are ones the kernel cannot tell apart: Istio's
+/// RETURNs in built-in chains live in `SHUNT_PREROUTING` / `SHUNT_OUTPUT` (SPEC §3 item 7), and
+/// `-i lo -m mark ! --mark 1338 -j RETURN` is spelled with a positive mark and a jump.
+fn istio_ruleset(cfg: &CaptureConfig, istio: &IstioLayout, family: Family) -> Ruleset {
+    let servers = dns_targets(cfg, family);
+    // Istio turns DNS capture off when it has nothing to capture.
+    let any_server = cfg.capture_all_dns || !cfg.dns_servers.as_deref().unwrap_or(&[]).is_empty();
+    let dns = cfg.redirect_dns && any_server;
+    let x = IstioFamily {
+        cfg,
+        istio,
+        family,
+        loopback: match family {
+            Family::V4 => istio.loopback_v4,
+            Family::V6 => family.loopback(),
+        },
+        tproxy: cfg.mode == Mode::Tproxy,
+        tunnel: port(istio.tunnel_port),
+        dns,
+        family_dns: dns && servers.as_ref().map_or(true, |s| !s.is_empty()),
+        servers,
+    };
+    let mut tables = vec![istio_nat(&x)];
+    tables.extend(istio_raw(&x));
+    tables.extend(istio_mangle(&x));
+    tables.sort_by_key(|t| t.name);
+    Ruleset { family, tables }
+}
+
+/// What every part of Istio's layout for one family needs to know.
+struct IstioFamily<'a> {
+    cfg: &'a CaptureConfig,
+    istio: &'a IstioLayout,
+    family: Family,
+    /// The loopback destination that is never captured (v4: the layout's; v6: ::1).
+    loopback: IpNet,
+    tproxy: bool,
+    tunnel: PortRange,
+    /// DNS capture is on (Istio switches it off with no server and no --capture-all-dns).
+    dns: bool,
+    /// ...and this family has something to capture.
+    family_dns: bool,
+    /// This family's DNS servers; `None`: every destination.
+    servers: Option<Vec<IpNet>>,
+}
+
+fn user(name: &str, rules: Vec<Rule>) -> Chain {
+    Chain {
+        name: name.into(),
+        builtin: false,
+        rules,
+    }
+}
+
+fn builtin(name: &str, rules: Vec<Rule>) -> Chain {
+    Chain {
+        name: name.into(),
+        builtin: true,
+        rules,
+    }
+}
+
+/// nat PREROUTING's rules (in `SHUNT_PREROUTING`): VM interfaces first (Istio inserts them at
+/// the top), then exclusions, then inbound capture.
+fn istio_prerouting(x: &IstioFamily) -> Vec<Rule> {
+    let cfg = x.cfg;
+    let mut rules = Vec::new();
+    for name in cfg.virt_interfaces.iter().rev() {
+        match &cfg.outbound_cidrs {
+            Set::All => rules.push(rule(vec![iface_in(name)], jump(REDIRECT))),
+            Set::List(nets) => {
+                for n in nets.iter().filter(|n| x.family.contains(n)) {
+                    rules.push(rule(vec![iface_in(name), dst(*n)], jump(REDIRECT)));
+                }
+            }
+        }
+    }
+    for name in cfg.virt_interfaces.iter().rev() {
+        rules.push(rule(vec![iface_in(name)], Target::Return));
+    }
+    for name in &cfg.exclude_interfaces {
+        rules.push(rule(vec![iface_in(name)], Target::Return));
+    }
+    if !cfg.inbound_ports.is_empty() && !x.tproxy {
+        rules.push(rule(vec![TCP], jump(INBOUND)));
+    }
+    rules
+}
+
+/// nat `SHUNT_OUTPUT` (Istio's `ISTIO_OUTPUT`), in Istio's order.
+fn istio_output(x: &IstioFamily) -> Vec<Rule> {
+    let (cfg, istio) = (x.cfg, x.istio);
+    let lo = || iface_out("lo");
+    let mut output = Vec::new();
+    for name in &cfg.exclude_interfaces {
+        output.push(rule(vec![iface_out(name)], Target::Return));
+    }
+    // -o comes first: for every uid, TCP and UDP.
+    if let Set::List(ports) = &cfg.exclude_outbound_ports {
+        for c in port_chunks(ports) {
+            output.push(rule(vec![TCP, dports(c, false)], Target::Return));
+            output.push(rule(vec![UDP, dports(c, false)], Target::Return));
+        }
+    }
+    let source = Match::Source {
+        net: x.family.inbound_source(),
+        negate: false,
+    };
+    output.push(rule(vec![lo(), source], Target::Return));
+    for (kind, id) in owners(cfg) {
+        // The proxy dialling anything through lo but the loopback exception is inbound traffic,
+        // whatever -b says; under DNS capture the uid rule spares port 53 (the gid rule does not).
+        let spared = if x.dns && kind == Owner::Uid {
+            vec![port(53), x.tunnel]
+        } else {
+            vec![x.tunnel]
+        };
+        output.push(rule(
+            vec![
+                lo(),
+                not(dst(x.loopback)),
+                TCP,
+                dports(&spared, true),
+                owner(kind, id),
+            ],
+            jump(IN_REDIRECT),
+        ));
+        if istio.lo_return {
+            let mut m = vec![lo()];
+            if x.dns {
+                m.extend([TCP, dports(&[port(53)], true)]);
+            }
+            m.push(not(owner(kind, id)));
+            output.push(rule(m, Target::Return));
+        }
+        output.push(rule(vec![owner(kind, id)], Target::Return));
+    }
+    match &istio.owner_groups {
+        OwnerGroups::AllExcept(groups) => {
+            for g in groups {
+                output.push(rule(vec![owner(Owner::Gid, *g)], Target::Return));
+            }
+        }
+        OwnerGroups::Only(groups) => {
+            let none_of = groups.iter().map(|g| not(owner(Owner::Gid, *g))).collect();
+            output.push(rule(none_of, Target::Return));
+        }
+    }
+    if x.family_dns {
+        output.push(rule(vec![], jump(DNS)));
+    }
+    output.push(rule(vec![dst(x.loopback)], Target::Return));
+    // -x before -q: an excluded CIDR wins over an included port.
+    if let Set::List(nets) = &cfg.exclude_outbound_cidrs {
+        for n in nets.iter().filter(|n| x.family.contains(n)) {
+            output.push(rule(vec![dst(*n)], Target::Return));
+        }
+    }
+    if let Set::List(ports) = &cfg.outbound_ports {
+        for c in port_chunks(ports) {
+            output.push(rule(vec![TCP, dports(c, false)], jump(REDIRECT)));
+        }
+    }
+    match &cfg.outbound_cidrs {
+        Set::All => output.push(rule(vec![], jump(REDIRECT))),
+        Set::List(nets) => {
+            for n in nets.iter().filter(|n| x.family.contains(n)) {
+                output.push(rule(vec![dst(*n)], jump(REDIRECT)));
+            }
+        }
+    }
+    output
+}
+
+/// The nat table: PREROUTING, OUTPUT, the redirect chains and DNS's.
+fn istio_nat(x: &IstioFamily) -> Table {
+    let cfg = x.cfg;
+    let prerouting = istio_prerouting(x);
+    // nat SHUNT_INBOUND: the tunnel port, then -d (only with -b '*'), then the captured ports.
+    let mut inbound = vec![rule(vec![TCP, dports(&[x.tunnel], false)], Target::Return)];
+    if !x.tproxy {
+        inbound.extend(istio_inbound_ports(cfg, &jump(IN_REDIRECT), None));
+    }
+    let redirect_to = |p: u16| vec![rule(vec![TCP], Target::Redirect { to_port: p })];
+    let mut chains = Vec::new();
+    // TPROXY mode with no interface rules leaves nat PREROUTING empty, as Istio does.
+    if !prerouting.is_empty() {
+        chains.push(builtin(
+            "PREROUTING",
+            vec![rule(vec![], jump(IN_PREROUTING))],
+        ));
+    }
+    chains.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));
+    if !prerouting.is_empty() {
+        chains.push(user(IN_PREROUTING, prerouting));
+    }
+    chains.extend([
+        user(INBOUND, inbound),
+        user(IN_REDIRECT, redirect_to(cfg.inbound_port)),
+        user(OUTPUT, istio_output(x)),
+        user(REDIRECT, redirect_to(cfg.proxy_port)),
+    ]);
+    if x.family_dns {
+        let to_dns = Target::Redirect {
+            to_port: cfg.dns_port,
+        };
+        let mut rules = dns_rules(&x.servers, Proto::Tcp, &to_dns);
+        rules.extend(dns_rules(&x.servers, Proto::Udp, &to_dns));
+        chains.push(user(DNS, rules));
+    }
+    Table {
+        name: TableName::Nat,
+        chains,
+    }
+}
+
+/// The raw table: conntrack zones that keep the proxy's upstream DNS apart from the app's.
+fn istio_raw(x: &IstioFamily) -> Option<Table> {
+    if !x.dns {
+        return None;
+    }
+    let zone = |z| Target::CtZone { zone: z };
+    let mut out = Vec::new();
+    for (k, id) in owners(x.cfg) {
+        out.push(rule(
+            vec![UDP, dports(&[port(53)], false), owner(k, id)],
+            zone(ZONE_UPSTREAM),
+        ));
+        out.push(rule(
+            vec![UDP, Match::SourcePort(x.cfg.dns_port), owner(k, id)],
+            zone(ZONE_APP),
+        ));
+    }
+    out.extend(dns_rules(&x.servers, Proto::Udp, &zone(ZONE_APP)));
+    let replies: Vec<Rule> = match &x.servers {
+        None => vec![rule(vec![UDP, Match::SourcePort(53)], zone(ZONE_UPSTREAM))],
+        Some(nets) => nets
+            .iter()
+            .map(|n| {
+                let src = Match::Source {
+                    net: *n,
+                    negate: false,
+                };
+                rule(vec![UDP, Match::SourcePort(53), src], zone(ZONE_UPSTREAM))
+            })
+            .collect(),
+    };
+    let mut chains = Vec::new();
+    if x.family_dns {
+        chains.push(builtin("PREROUTING", vec![rule(vec![], jump(DNS_REPLY))]));
+    }
+    chains.push(builtin("OUTPUT", vec![rule(vec![], jump(DNS))]));
+    chains.push(user(DNS, out));
+    if x.family_dns {
+        chains.push(user(DNS_REPLY, replies));
+    }
+    Some(Table {
+        name: TableName::Raw,
+        chains,
+    })
+}
+
+/// The mangle table: --drop-invalid, and TPROXY's inbound capture and marks.
+fn istio_mangle(x: &IstioFamily) -> Option<Table> {
+    let cfg = x.cfg;
+    let mut pre = Vec::new();
+    let mut out = Vec::new();
+    let mut chains = Vec::new();
+    if x.tproxy {
+        for name in &cfg.exclude_interfaces {
+            pre.push(rule(vec![iface_in(name)], Target::Return));
+            out.push(rule(vec![iface_out(name)], Target::Return));
+        }
+    }
+    if cfg.drop_invalid {
+        pre.push(rule(vec![Match::CtInvalid], Target::Drop));
+    }
+    if x.tproxy {
+        let mark = cfg.tproxy_mark;
+        if !cfg.inbound_ports.is_empty() {
+            pre.push(rule(vec![TCP], jump(INBOUND)));
+            chains.extend(istio_tproxy_inbound(x));
+        }
+        pre.push(rule(vec![TCP, Match::Mark(mark)], Target::SaveMark));
+        out.push(rule(
+            vec![TCP, iface_out("lo"), Match::Mark(mark)],
+            Target::Return,
+        ));
+        for (kind, id) in owners(cfg) {
+            out.push(rule(
+                vec![not(dst(x.loopback)), TCP, iface_out("lo"), owner(kind, id)],
+                Target::SetMark {
+                    mark: ISTIO_OUTBOUND_MARK,
+                },
+            ));
+        }
+        out.push(rule(vec![TCP, Match::Connmark(mark)], Target::RestoreMark));
+    }
+    let mut base = Vec::new();
+    if !pre.is_empty() {
+        base.push(builtin(
+            "PREROUTING",
+            vec![rule(vec![], jump(IN_PREROUTING))],
+        ));
+        chains.insert(0, user(IN_PREROUTING, pre));
+    }
+    if !out.is_empty() {
+        base.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));
+        chains.insert(0, user(OUTPUT, out));
+    }
+    if base.is_empty() {
+        return None;
+    }
+    base.extend(chains);
+    Some(Table {
+        name: TableName::Mangle,
+        chains: base,
+    })
+}
+
+/// TPROXY's inbound chains: what is spared, then the captured ports, the divert of packets of
+/// established connections, and the TPROXY rule itself.
+fn istio_tproxy_inbound(x: &IstioFamily) -> Vec<Chain> {
+    let mark = x.cfg.tproxy_mark;
+    let source = Match::Source {
+        net: x.family.inbound_source(),
+        negate: false,
+    };
+    let lo = || iface_in("lo");
+    vec![
+        // Istio: -i lo -m mark ! --mark 1338 -j RETURN; here the marked packets jump past the
+        // RETURN that takes every other packet from lo.
+        user(
+            INBOUND,
+            vec![
+                rule(vec![TCP, Match::Mark(mark)], Target::Return),
+                rule(vec![TCP, source, lo()], Target::Return),
+                rule(
+                    vec![TCP, lo(), Match::Mark(ISTIO_OUTBOUND_MARK)],
+                    jump(INBOUND_PORTS),
+                ),
+                rule(vec![TCP, lo()], Target::Return),
+                rule(vec![], jump(INBOUND_PORTS)),
+            ],
+        ),
+        user(
+            INBOUND_PORTS,
+            istio_inbound_ports(x.cfg, &jump(TPROXY), Some(&jump(DIVERT))),
+        ),
+        user(
+            DIVERT,
+            vec![
+                rule(vec![], Target::SetMark { mark }),
+                rule(vec![], Target::Accept),
+            ],
+        ),
+        user(
+            TPROXY,
+            vec![rule(
+                vec![not(dst(x.loopback)), TCP],
+                Target::Tproxy {
+                    to_port: x.cfg.inbound_port,
+                    mark,
+                },
+            )],
+        ),
+    ]
+}
+
+/// Istio's inbound port rules: with `-b '*'` the `-d` ports return and the rest go to
+/// `target`; with a list, each listed port goes there. In tproxy mode `established` (the
+/// divert chain) comes first for packets of connections already made.
+fn istio_inbound_ports(
+    cfg: &CaptureConfig,
+    target: &Target,
+    established: Option<&Target>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let captured: Vec<Vec<Match>> = match &cfg.inbound_ports {
+        Set::All => {
+            if let Set::List(ex) = &cfg.exclude_inbound_ports {
+                for c in port_chunks(ex) {
+                    rules.push(rule(vec![TCP, dports(c, false)], Target::Return));
+                }
+            }
+            vec![vec![TCP]]
+        }
+        Set::List(ports) => port_chunks(ports)
+            .into_iter()
+            .map(|c| vec![TCP, dports(c, false)])
+            .collect(),
+    };
+    for m in captured {
+        if let Some(e) = established {
+            let mut est = m.clone();
+            est.push(Match::CtEstablished);
+            rules.push(rule(est, e.clone()));
+        }
+        rules.push(rule(m, target.clone()));
+    }
+    rules
 }
 
 /// Builds the plan. `ipv6` is the resolved IPv6 decision (`auto` is settled by the caller,

@@ -320,6 +320,50 @@ mod tests {
         );
     }
 
+    /// `shunt istio-iptables` with the injector's flags, and TPROXY with DNS capture and dual
+    /// stack: Istio's layout in shunt's chains (what tests/istio_differential.rs proves equal).
+    #[test]
+    fn istio_layout_goldens() {
+        let layout = crate::config::IstioLayout {
+            tunnel_port: 15008,
+            loopback_v4: "127.0.0.1/32".parse().unwrap(),
+            lo_return: true,
+            owner_groups: crate::config::OwnerGroups::AllExcept(vec![]),
+        };
+        let mut injector = RawOptions {
+            outbound_cidrs: Some("*".into()),
+            inbound_ports: Some("*".into()),
+            exclude_inbound_ports: Some("15090,15021,15020".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        injector.istio = Some(layout.clone());
+        let text = plan_text(&plan::build(&injector, false));
+        golden(
+            include_str!("../tests/fixtures/istio-injector.rules"),
+            "istio-injector",
+            &text,
+        );
+        let mut tproxy = RawOptions {
+            mode: Some("tproxy".into()),
+            outbound_cidrs: Some("*".into()),
+            inbound_ports: Some("*".into()),
+            redirect_dns: Some("true".into()),
+            dns_servers: Some("10.96.0.10,fd00::a".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        tproxy.istio = Some(layout);
+        let text = plan_text(&plan::build(&tproxy, true));
+        golden(
+            include_str!("../tests/fixtures/istio-tproxy-dns.rules"),
+            "istio-tproxy-dns",
+            &text,
+        );
+    }
+
     #[test]
     fn quoting() {
         let args = vec!["--comment".to_string(), "a b".to_string(), "x".to_string()];

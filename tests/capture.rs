@@ -912,6 +912,7 @@ fn istio_iptables_flag_sets() {
                 "-d",
                 "15090,15021,9090",
                 "--run-validation",
+                "--dual-stack",
             ],
             vec![
                 (
@@ -1099,11 +1100,26 @@ fn istio_iptables_flag_sets() {
         &["--capture-all-dns"],
         &["-k", "way-too-long-iface0"],
         &["-p", "0"],
+        &["--iptables-trace-logging"],
+        &["--cni-mode"],
+        &["-x", "*"],
+        &["-m", "TPROXY", "-k", "eth1"],
     ] {
         let mut args = vec!["istio-iptables"];
         args.extend_from_slice(bad);
         assert_eq!(ns.shunt(&args).status.code(), Some(2), "{bad:?}");
     }
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
+    // --skip-rule-apply changes nothing; --cleanup-only removes what is there.
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "--skip-rule-apply"]));
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "-b", "*"]));
+    assert!(ns.iptables_save("nft", false).contains("SHUNT_OUTPUT"));
+    // --check: in sync with the same flags, drift (3) with others.
+    ok(&ns.shunt(&["istio-iptables", "-i", "*", "-b", "*", "--check"]));
+    let drift = ns.shunt(&["istio-iptables", "-i", "*", "-b", "8080", "--check"]);
+    assert_eq!(drift.status.code(), Some(3), "{}", stderr(&drift));
+    ok(&ns.shunt(&["istio-iptables", "--cleanup-only"]));
     assert!(!ns.iptables_save("nft", false).contains("SHUNT"));
 }
 
