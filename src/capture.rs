@@ -62,7 +62,6 @@ fn nft_available() -> bool {
 /// engine's own read; [`Probe::finish`] refuses to write with one engine while shunt's rules
 /// sit in another (two engines would both capture, in an order only hook priorities decide).
 struct Probe {
-    wanted: EngineKind,
     nft: Option<netfilter::Running>,
     saves: Vec<(EngineKind, netfilter::Running)>,
 }
@@ -70,7 +69,6 @@ struct Probe {
 impl Probe {
     fn start(wanted: EngineKind, ns: Option<&Netns>) -> Result<Probe, NetfilterError> {
         let mut probe = Probe {
-            wanted,
             nft: None,
             saves: Vec::new(),
         };
@@ -95,7 +93,8 @@ impl Probe {
         Ok(probe)
     }
 
-    fn finish(self) -> Result<(), NetfilterError> {
+    /// The engine that holds shunt's rules besides the wanted one, if any.
+    fn finish(self) -> Result<Option<EngineKind>, NetfilterError> {
         let mut held = None;
         if let Some(run) = self.nft {
             // nft fails (no such table) when the engine holds nothing.
@@ -113,13 +112,14 @@ impl Probe {
                 held.get_or_insert(kind);
             }
         }
-        match held {
-            None => Ok(()),
-            Some(held) => Err(NetfilterError::OtherEngine {
-                wanted: self.wanted.name(),
-                held: held.name(),
-            }),
-        }
+        Ok(held)
+    }
+}
+
+fn other_engine(wanted: EngineKind, held: EngineKind) -> NetfilterError {
+    NetfilterError::OtherEngine {
+        wanted: wanted.name(),
+        held: held.name(),
     }
 }
 
@@ -255,9 +255,14 @@ impl Target {
         })
     }
 
-    /// Fails when another engine holds shunt's rules (see [`Probe`]).
-    fn alone(&mut self) -> Result<(), NetfilterError> {
-        self.probe.take().map_or(Ok(()), Probe::finish)
+    /// Fails when another engine holds shunt's rules (see [`Probe`]); with `migrate`, returns
+    /// that engine instead, for the caller to empty once its own rules are in.
+    fn alone(&mut self, migrate: bool) -> Result<Option<EngineKind>, NetfilterError> {
+        let held = self.probe.take().map(Probe::finish).transpose()?.flatten();
+        match held {
+            Some(held) if !migrate => Err(other_engine(self.engine.kind(), held)),
+            other => Ok(other),
+        }
     }
 
     fn ns(&self) -> Option<&Netns> {
@@ -346,8 +351,8 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
             other => other,
         })?;
     }
-    let old_marks = old_marks?;
-    target.alone()?;
+    let mut old_marks = old_marks?;
+    let migrate_from = target.alone(cfg.migrate)?;
     let mut report = ApplyReport {
         backend: target.engine.kind(),
         ipv6: target.ipv6,
@@ -382,6 +387,23 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
             }
             return Err(e.into());
         }
+    }
+    // --migrate: the new engine captures now (its NAT runs first, and the first binding a
+    // connection gets is kept), so the old engine's rules can go without a gap.
+    if let Some(from) = migrate_from {
+        let done = engine(from, target.ns(), true, false, None)?.clean();
+        old_marks.extend(done.marks);
+        if !done.errors.is_empty() {
+            return Err(NetfilterError::Incomplete {
+                errors: done.errors,
+            }
+            .into());
+        }
+        tracing::info!(
+            "migrated: shunt's rules moved from the {} engine to {}",
+            from.name(),
+            target.engine.kind().name()
+        );
     }
     // The policy routing of a mark the rules no longer use (tproxy -> redirect, or a new
     // --tproxy-mark / --tproxy-route-table) goes with them.
@@ -517,7 +539,7 @@ pub fn check(cfg: &CaptureConfig) -> Result<CheckReport, crate::Error> {
     let mut target = Target::resolve(cfg)?;
     let plan = plan::build(cfg, target.ipv6);
     let mut drift = target.engine.drift(&plan)?;
-    target.alone()?;
+    target.alone(false)?;
     if let Some(r) = plan.routing {
         for family in target.families() {
             let (rule, route) = routing::present(family, r, target.ns())?;

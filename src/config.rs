@@ -175,6 +175,9 @@ raw_options! {
     /// Longest wait for another shunt changing the same namespace, and for each iptables, ip
     /// or nft child (killed after it); 500ms, 30s, 2m [default: 30s]
     wait: "SHUNT_WAIT";
+    /// apply with an explicit --backend: move shunt's rules there from the engine that holds
+    /// them (install here first, then remove there) instead of refusing [default: false]
+    migrate: "SHUNT_MIGRATE", flag;
 }
 
 /// `--config FILE` plus the capture options: the argument group every command that takes
@@ -370,6 +373,8 @@ pub struct CaptureConfig {
     /// Bound on waiting for the namespace's lock and on each child tool.
     #[serde(skip)]
     pub wait: std::time::Duration,
+    /// apply: move shunt's rules from another engine instead of refusing.
+    pub migrate: bool,
     /// Istio's rule order and quirks instead of shunt's; only `shunt istio-iptables` sets it
     /// (no flag, variable or key), so `shunt apply`'s plan never changes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -737,6 +742,7 @@ impl RawOptions {
                 let v = get(&self.wait, "30s");
                 crate::duration::positive(&v).map_err(|e| invalid("wait", &v, e.to_string()))?
             },
+            migrate: parse_bool("migrate", &get(&self.migrate, "false"))?,
             istio: None,
         };
         cfg.check_combinations()?;

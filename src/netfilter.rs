@@ -86,7 +86,8 @@ pub enum NetfilterError {
     Netns(#[from] netns::NetnsError),
     #[error(
         "shunt's rules are held by the {held} engine in this namespace; to use {wanted}, \
-         run `shunt clean --backend {held}` first (two engines would both capture)"
+         run `shunt clean --backend {held}` first, or apply with --migrate (two engines would \
+         both capture)"
     )]
     OtherEngine {
         wanted: &'static str,

@@ -394,3 +394,38 @@ fn an_interface_wildcard_excludes_every_matching_interface() {
         .shunt(&["apply", "--backend", "nftables", "--ipv6", "off"]));
     assert!(t.pod.connect_as(1000, 1000, &hp(REMOTE_V4, 8080)).is_err());
 }
+
+#[test]
+fn migrate_moves_the_rules_between_engines_both_ways() {
+    require_nft!();
+    let ns = Ns::new("nft-migrate");
+    ok(&ns.shunt(&[
+        "apply",
+        "--backend",
+        "nft",
+        "--ipv6",
+        "on",
+        "--mode",
+        "tproxy",
+    ]));
+    let out = apply(&ns, &["--ipv6", "on", "--migrate"]);
+    ok(&out);
+    assert!(!ns.iptables_save("nft", false).contains("SHUNT_"));
+    assert!(!ns.iptables_save("nft", true).contains("SHUNT_"));
+    assert!(
+        !ns.must(&["ip", "rule", "show"]).contains("fwmark"),
+        "tproxy routing stayed"
+    );
+    ok(&ns.shunt(&["check", "--backend", "nftables", "--ipv6", "on"]));
+    // And back, to legacy.
+    ok(&ns.shunt(&["apply", "--backend", "legacy", "--ipv6", "on", "--migrate"]));
+    assert!(!ns
+        .exec(&["nft", "list", "table", "inet", "shunt"])
+        .status
+        .success());
+    ok(&ns.shunt(&["check", "--backend", "legacy", "--ipv6", "on"]));
+    // Without --migrate the move is refused and says how.
+    let out = apply(&ns, &["--ipv6", "on"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--migrate"), "{}", stderr(&out));
+}

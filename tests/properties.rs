@@ -531,6 +531,7 @@ fn capture_config() -> impl Strategy<Value = (CaptureConfig, bool)> {
                 backend: None,
                 netns: None,
                 wait: None,
+                migrate: None,
             };
             // What is still refused (a proxy port listed, two ports equal) is rare.
             raw.resolve().ok().map(|cfg| (cfg, ipv6))
