@@ -126,6 +126,9 @@ pub enum Cond {
         limit_out: bool,
     },
     Comment(String),
+    /// nft's `meta nfproto ipv4|ipv6` (and the family an `ip`/`ip6` payload match implies):
+    /// true for IPv4.
+    Ipv4(bool),
     /// A match the evaluator cannot decide, with what it was.
     Unsupported(String),
 }
