@@ -652,6 +652,15 @@ impl<'a> Walk<'a> {
             }
             Cond::Comment(_) => Tri::Yes,
             Cond::Ipv4(v4) => yes(p.dst.is_ipv4() == *v4),
+            Cond::SkUid(_) | Cond::SkGid(_) if !p.has_socket => Tri::No,
+            Cond::SkUid(list) => match p.uid {
+                Some(u) => yes(list.iter().any(|r| in_range(r, u))),
+                None => Tri::Unknown("the sending uid is not known (pass --uid)".into()),
+            },
+            Cond::SkGid(list) => match p.gid {
+                Some(g) => yes(list.iter().any(|r| in_range(r, g))),
+                None => Tri::Unknown("the sending gid is not known (pass --gid)".into()),
+            },
             Cond::Unsupported(what) => Tri::Unknown(format!("cannot evaluate `{what}`")),
         }
     }

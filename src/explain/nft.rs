@@ -324,12 +324,6 @@ fn match_expr(mt: &Value, sets: &Sets) -> Vec<Match> {
             .map(|(a, b)| (a.min(65535) as u16, b.min(65535) as u16))
             .collect()
     };
-    let u32s = |r: &Vec<(u64, u64)>| -> Option<(u32, u32)> {
-        match r.as_slice() {
-            [(a, b)] => Some((*a as u32, *b as u32)),
-            _ => None,
-        }
-    };
     let out: Option<Vec<Match>> = (|| {
         if let Some(p) = left.get("payload") {
             let proto = p["protocol"].as_str()?;
@@ -395,19 +389,16 @@ fn match_expr(mt: &Value, sets: &Sets) -> Vec<Match> {
                     Some(vec![m(cond, negate)])
                 }
                 "skuid" | "skgid" => {
-                    let r = ranges_of(right, sets)?;
-                    let one = u32s(&r)?;
-                    Some(vec![m(
-                        if k == "skuid" {
-                            Cond::Uid(one)
-                        } else {
-                            Cond::Gid {
-                                ids: one,
-                                suppl: false,
-                            }
-                        },
-                        negate,
-                    )])
+                    let r: Vec<(u32, u32)> = ranges_of(right, sets)?
+                        .into_iter()
+                        .map(|(a, b)| (a as u32, b as u32))
+                        .collect();
+                    let cond = if k == "skuid" {
+                        Cond::SkUid(r)
+                    } else {
+                        Cond::SkGid(r)
+                    };
+                    Some(vec![m(cond, negate)])
                 }
                 "mark" => {
                     let value = right.as_u64()? as u32;
