@@ -1,5 +1,7 @@
 //! Differential test: for several rule sets installed in a pod namespace (shunt's own with
-//! varied options, and Istio-, Linkerd-style and mixed fixtures), real connections are made
+//! varied options on the iptables and the nftables engines, Istio-, Linkerd-style and mixed
+//! iptables fixtures, Istio-nftables-style tables, and shunt's nft table beside another
+//! tool's iptables-nft rules), real connections are made
 //! (several uids, local and remote destinations, ports, both families, outbound and from the
 //! peer namespace), the listener each lands on and its original destination are recorded, and
 //! `shunt explain`'s prediction for the same packet must agree on every probe.
@@ -696,11 +698,27 @@ fn istio_nftables_style_tables() {
 #[test]
 fn shunt_dns_capture_udp_and_tcp() {
     require_netns!();
+    dns_differential("auto");
+}
+
+/// The same through the nftables engine: raw-chain zones and nat redirects as nft rules.
+#[test]
+fn shunt_dns_capture_udp_and_tcp_nftables() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
+    dns_differential("nftables");
+}
+
+fn dns_differential(backend: &str) {
     let lab = Lab::new();
     shunt_ok(
         &lab.t.pod,
         &[
             "apply",
+            "--backend",
+            backend,
             "--redirect-dns",
             "on",
             "--dns-servers",
@@ -709,7 +727,7 @@ fn shunt_dns_capture_udp_and_tcp() {
             "on",
         ],
     );
-    let tcp = differential(&lab, "shunt dns (tcp)");
+    let tcp = differential(&lab, &format!("shunt dns (tcp, {backend})"));
     let cfg = RawOptions {
         netns: Some(lab.t.pod.path()),
         ..Default::default()
@@ -766,5 +784,7 @@ fn shunt_dns_capture_udp_and_tcp() {
         mismatches[..mismatches.len().min(6)].join("\n")
     );
     assert!(captured >= 8, "only {captured} UDP probes were captured");
-    eprintln!("shunt dns (udp): {n} probes agree ({captured} captured to :15053); tcp: {tcp}");
+    eprintln!(
+        "shunt dns (udp, {backend}): {n} probes agree ({captured} captured to :15053); tcp: {tcp}"
+    );
 }
