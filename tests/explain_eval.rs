@@ -582,3 +582,28 @@ fn an_unknown_nft_expression_is_uncertain() {
     assert_eq!(e.uncertain.len(), 1, "{e:#?}");
     assert!(e.uncertain[0].reason.contains("meta cpu"), "{e:#?}");
 }
+
+/// Istio's nat chains sit at -100, iptables' nat priority: the kernel's order between them is
+/// the order they were registered in, which explain says it cannot see.
+#[test]
+fn a_priority_shared_with_iptables_is_noted() {
+    let other = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp --dport 80 -j DNAT --to-destination 10.0.0.77:8080\nCOMMIT\n";
+    let t = tables(other).with_nft(nft(ISTIO_NFT, shunt::plan::Family::V4));
+    let e = explain(&t, &host(), &out("10.9.9.9:80", 1000));
+    assert!(
+        e.notes
+            .iter()
+            .any(|n| n.contains("iptables nat and inet istio-proxy-nat output share priority -100")),
+        "{e:#?}"
+    );
+    // Without iptables rules at that hook there is nothing to order.
+    let e = explain(
+        &nft_tables(ISTIO_NFT, "10.9.9.9"),
+        &host(),
+        &out("10.9.9.9:80", 1000),
+    );
+    assert!(
+        !e.notes.iter().any(|n| n.contains("share priority")),
+        "{e:#?}"
+    );
+}

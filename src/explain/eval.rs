@@ -880,8 +880,11 @@ impl<'a> Walk<'a> {
             }
         }
         // Equal priorities keep the order of registration, which userspace cannot see:
-        // iptables' tables first here.
+        // iptables' tables first here, and said so.
         nat.sort_by_key(|e| e.0);
+        for list in [&plain, &nat] {
+            self.note_ties(list);
+        }
         if !nat.is_empty() {
             plain.push((nat_prio, Entry::Nat));
         }
@@ -904,6 +907,47 @@ impl<'a> Walk<'a> {
             self.pkt.ct_attached = true;
         }
         Flow::Accept
+    }
+
+    /// Notes entries of one hook that share a priority and both have rules there.
+    fn note_ties(&mut self, list: &[(i32, Entry)]) {
+        let name = |e: &Entry| -> Option<String> {
+            match e {
+                Entry::Iptables(t) => self
+                    .tables
+                    .layers
+                    .iter()
+                    .any(|l| {
+                        l.tables
+                            .get(*t)
+                            .and_then(|c| c.get(self.hook))
+                            .is_some_and(|c| {
+                                !c.rules.is_empty()
+                                    || c.policy.as_deref().is_some_and(|p| p != "ACCEPT")
+                            })
+                    })
+                    .then(|| format!("iptables {t}")),
+                Entry::Nft(i, chain) => Some(format!("{} {chain}", self.tables.nft[*i].name)),
+                Entry::Nat => None,
+            }
+        };
+        for (i, (p, a)) in list.iter().enumerate() {
+            for (q, b) in &list[i + 1..] {
+                if p != q || matches!((a, b), (Entry::Iptables(_), Entry::Iptables(_))) {
+                    continue;
+                }
+                if let (Some(x), Some(y)) = (name(a), name(b)) {
+                    let note = format!(
+                        "{}: {x} and {y} share priority {p}; the kernel runs them in the order \
+                         they were registered, which cannot be read back (shown: {x} first)",
+                        self.hook
+                    );
+                    if !self.notes.contains(&note) {
+                        self.notes.push(note);
+                    }
+                }
+            }
+        }
     }
 
     /// One iptables table in every layer (both backends, when both hold rules).
