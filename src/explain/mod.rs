@@ -68,8 +68,9 @@ pub enum ExplainFormat {
 /// Flags of `shunt explain` (SPEC §6).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Where the rules come from: --netns reads the namespace's rules (from the \
-iptables backend that holds them); --rules reads iptables-save text (a file, or - for stdin); \
+    after_help = "Where the rules come from: --netns reads the namespace's rules (the \
+iptables backend that holds them and, with --backend auto or nftables, every native nftables \
+table, walked by hook priority); --rules reads iptables-save text (a file, or - for stdin); \
 with neither, the plan that the given capture options would install.\n\n\
 Examples:\n  shunt explain --netns /run/netns/pod out tcp 10.96.0.10:443 --uid 1000\n  \
 shunt explain --netns /run/netns/pod in tcp 10.200.0.2:8080 --src 10.200.0.1 --json\n  \
@@ -387,7 +388,10 @@ pub fn rules_from_namespace(
     let with_native = |t: Tables, label: String| -> (Tables, String) {
         match &native_label {
             Some(n) if label.is_empty() => (t.with_nft(native.clone()), n.clone()),
-            Some(n) => (t.with_nft(native.clone()), format!("{label} and {n}")),
+            Some(n) => (
+                t.with_nft(native.clone()),
+                format!("{label} backend and {n}"),
+            ),
             None => (t, label),
         }
     };
@@ -546,7 +550,12 @@ pub fn load(
     } else if let Some(ns) = &ns {
         let (tables, b, n) = rules_from_namespace(cfg.backend, family, Some(ns))?;
         notes.extend(n);
-        (tables, format!("{b} backend in {}", ns.path().display()))
+        let what = if b.contains("nftables (") {
+            b
+        } else {
+            format!("{b} backend")
+        };
+        (tables, format!("{what} in {}", ns.path().display()))
     } else {
         let plan = plan::build(cfg, cfg.ipv6 != config::Ipv6::Off);
         let rs = match family {
