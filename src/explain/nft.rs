@@ -563,3 +563,88 @@ fn statements(stmts: &[&Value]) -> (Target, String) {
         None => (Target::Unknown(format!("nft statements `{text}`")), text),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule(exprs: Value) -> (Rule, String) {
+        translate(exprs.as_array().unwrap(), &Sets::new())
+    }
+
+    #[test]
+    fn wildcards_ranges_and_negations_map_to_iptables_matches() {
+        let (r, text) = rule(json!([
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "veth*"}},
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                       "right": {"set": [22, {"range": [8000, 8100]}]}}},
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                       "right": ["established", "related"]}},
+            {"counter": {"packets": 0, "bytes": 0}},
+            {"return": null}
+        ]));
+        assert_eq!(
+            text,
+            "iifname veth* tcp dport != { 22, 8000-8100 } ct state established,related counter return"
+        );
+        assert_eq!(
+            r.matches,
+            vec![
+                m(Cond::InIface("veth+".into()), false),
+                m(Cond::Proto("tcp".into()), false),
+                m(Cond::Dport(vec![(22, 22), (8000, 8100)]), true),
+                m(
+                    Cond::CtState(vec![CtState::Established, CtState::Related]),
+                    false
+                ),
+            ]
+        );
+        assert_eq!(r.target, Target::Return);
+    }
+
+    #[test]
+    fn what_has_no_exact_meaning_is_unsupported() {
+        // A literal `+` is no wildcard in nft; bit operations on the mark are not modelled.
+        for e in [
+            json!({"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "eth+"}}),
+            json!({"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 255]}, "right": 1}}),
+            json!({"match": {"op": ">", "left": {"meta": {"key": "skuid"}}, "right": 1000}}),
+        ] {
+            let (r, _) = rule(json!([e, {"accept": null}]));
+            assert!(
+                matches!(r.matches[0].cond, Cond::Unsupported(_)),
+                "{:?}",
+                r.matches
+            );
+        }
+        // nft's tproxy without a verdict does not end the walk as TPROXY does.
+        let (r, _) = rule(json!([{"tproxy": {"family": "ip", "port": 15006}}]));
+        assert!(matches!(r.target, Target::Unknown(_)), "{:?}", r.target);
+        let (r, text) = rule(json!([
+            {"tproxy": {"family": "ip", "port": 15006}},
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1337}},
+            {"accept": null}
+        ]));
+        assert_eq!(text, "tproxy ip to :15006 meta mark set 1337 accept");
+        assert_eq!(
+            r.target,
+            Target::Tproxy {
+                port: Some(15006),
+                addr: None,
+                mark: Some(MarkOp {
+                    clear: u32::MAX,
+                    xor: 1337
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn iptables_nft_tables_are_left_to_iptables_save() {
+        assert!(owned_by_iptables("ip", "nat"));
+        assert!(owned_by_iptables("ip6", "mangle"));
+        assert!(!owned_by_iptables("inet", "nat"));
+        assert!(!owned_by_iptables("ip", "shunt"));
+    }
+}
