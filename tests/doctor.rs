@@ -190,6 +190,9 @@ fn doctor_names_the_nftables_engine_and_warns_when_two_engines_hold_rules() {
         l.starts_with("warn") && l.contains("nftables engine"),
         "{text}"
     );
+    // The explain check walks the nftables table.
+    let l = line(&text, "explain");
+    assert!(!l.starts_with("FAIL"), "{text}");
     // A second engine by hand (apply itself refuses to mix them).
     ns.must(&["iptables-nft", "-t", "nat", "-N", "SHUNT_OUTPUT"]);
     ns.must(&[

@@ -1,5 +1,7 @@
 //! Differential test: for several rule sets installed in a pod namespace (shunt's own with
-//! varied options, and Istio-, Linkerd-style and mixed fixtures), real connections are made
+//! varied options on the iptables and the nftables engines, Istio-, Linkerd-style and mixed
+//! iptables fixtures, Istio-nftables-style tables, and shunt's nft table beside another
+//! tool's iptables-nft rules), real connections are made
 //! (several uids, local and remote destinations, ports, both families, outbound and from the
 //! peer namespace), the listener each lands on and its original destination are recorded, and
 //! `shunt explain`'s prediction for the same packet must agree on every probe.
@@ -574,16 +576,149 @@ fn rules_in_both_backends() {
     assert!(n >= 300);
 }
 
-/// UDP (and TCP) DNS capture: datagrams from the app to the DNS servers land on the DNS
-/// port, the proxy's and other destinations' do not.
+/// explain read the namespace's native table `table` (not only iptables).
+fn assert_reads_native(lab: &Lab, table: &str) {
+    let cfg = RawOptions {
+        netns: Some(lab.t.pod.path()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let loaded = explain::load(&cfg, None, Family::V4).unwrap();
+    assert!(loaded.source.contains(table), "{}", loaded.source);
+}
+
+fn nft_present() -> bool {
+    if which("nft") {
+        return true;
+    }
+    eprintln!("SKIPPED: nft is not installed (apt-get install nftables)");
+    false
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// shunt's native nftables engine: one `inet shunt` table, both families.
 #[test]
-fn shunt_dns_capture_udp_and_tcp() {
+fn shunt_default_rules_nftables() {
     require_netns!();
+    if !nft_present() {
+        return;
+    }
+    let lab = Lab::new();
+    shunt_ok(
+        &lab.t.pod,
+        &["apply", "--backend", "nftables", "--ipv6", "on"],
+    );
+    assert_reads_native(&lab, "inet shunt");
+    assert!(differential(&lab, "shunt default (nftables)") >= 300);
+}
+
+/// The nftables engine with its sets: a CIDR list, ports, a uid list and range.
+#[test]
+fn shunt_rules_with_exclusions_nftables() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
     let lab = Lab::new();
     shunt_ok(
         &lab.t.pod,
         &[
             "apply",
+            "--backend",
+            "nftables",
+            "--ipv6",
+            "on",
+            "--exclude-outbound-cidrs",
+            "10.200.1.0/24,10.9.0.0/16,fd00:5:1::/64",
+            "--exclude-outbound-ports",
+            "2222,443",
+            "--exclude-inbound-ports",
+            "9090",
+            "--proxy-uid",
+            "1337,2000-2010",
+        ],
+    );
+    assert_reads_native(&lab, "inet shunt");
+    assert!(differential(&lab, "shunt exclusions (nftables)") >= 300);
+}
+
+/// shunt's nft table and another tool's iptables-nft rules in one namespace: shunt's nat
+/// chain (priority -110) binds before iptables' nat (-100), whose redirect applies where
+/// shunt lets the connection pass; iptables' filter sees the destination after both.
+#[test]
+fn shunt_nftables_with_another_tools_iptables_nft_rules() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
+    let lab = Lab::new();
+    shunt_ok(
+        &lab.t.pod,
+        &["apply", "--backend", "nftables", "--ipv6", "on"],
+    );
+    restore(
+        &lab.t.pod,
+        "iptables-nft-restore",
+        include_str!("fixtures/explain/legacy-extra.v4.rules"),
+    );
+    assert_reads_native(&lab, "inet shunt");
+    assert!(differential(&lab, "nftables + iptables-nft") >= 300);
+}
+
+/// Tables in the shapes Istio's nftables mode writes (`inet istio-proxy-nat`, `-raw`).
+#[test]
+fn istio_nftables_style_tables() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
+    let lab = Lab::new();
+    let out = output_with_stdin(
+        Command::new("ip").args(["netns", "exec", &lab.t.pod.name, "nft", "-f", "-"]),
+        include_bytes!("fixtures/explain/istio-proxy.nft"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_reads_native(&lab, "inet istio-proxy-nat");
+    assert!(differential(&lab, "istio nftables-style") >= 300);
+}
+
+/// UDP (and TCP) DNS capture: datagrams from the app to the DNS servers land on the DNS
+/// port, the proxy's and other destinations' do not.
+#[test]
+fn shunt_dns_capture_udp_and_tcp() {
+    require_netns!();
+    dns_differential("auto");
+}
+
+/// The same through the nftables engine: raw-chain zones and nat redirects as nft rules.
+#[test]
+fn shunt_dns_capture_udp_and_tcp_nftables() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
+    dns_differential("nftables");
+}
+
+fn dns_differential(backend: &str) {
+    let lab = Lab::new();
+    shunt_ok(
+        &lab.t.pod,
+        &[
+            "apply",
+            "--backend",
+            backend,
             "--redirect-dns",
             "on",
             "--dns-servers",
@@ -592,7 +727,7 @@ fn shunt_dns_capture_udp_and_tcp() {
             "on",
         ],
     );
-    let tcp = differential(&lab, "shunt dns (tcp)");
+    let tcp = differential(&lab, &format!("shunt dns (tcp, {backend})"));
     let cfg = RawOptions {
         netns: Some(lab.t.pod.path()),
         ..Default::default()
@@ -649,5 +784,7 @@ fn shunt_dns_capture_udp_and_tcp() {
         mismatches[..mismatches.len().min(6)].join("\n")
     );
     assert!(captured >= 8, "only {captured} UDP probes were captured");
-    eprintln!("shunt dns (udp): {n} probes agree ({captured} captured to :15053); tcp: {tcp}");
+    eprintln!(
+        "shunt dns (udp, {backend}): {n} probes agree ({captured} captured to :15053); tcp: {tcp}"
+    );
 }

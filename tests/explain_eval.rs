@@ -414,3 +414,196 @@ fn rules_files_with_both_families() {
     );
     assert_eq!(Host::default().is_local("10.0.0.2".parse().unwrap()), None);
 }
+
+// === Native nftables tables (`nft -j list ruleset`) ===
+
+/// shunt's `inet shunt` table (redirect mode, CIDR and port exclusions), as `nft -j` lists it.
+const SHUNT_NFT: &str = include_str!("fixtures/explain/shunt-redirect.nft.json");
+/// shunt's table in tproxy mode with DNS capture (raw, mangle and nat base chains).
+const SHUNT_TPROXY_NFT: &str = include_str!("fixtures/explain/shunt-tproxy-dns.nft.json");
+/// Tables in the shapes Istio's nftables mode writes (`inet istio-proxy-nat`, `-raw`).
+const ISTIO_NFT: &str = include_str!("fixtures/explain/istio-proxy.nft.json");
+
+fn nft(json: &str, family: shunt::plan::Family) -> Vec<shunt::explain::eval::NftTable> {
+    let doc: serde_json::Value = serde_json::from_str(json).unwrap();
+    shunt::explain::nft::tables_from_json(&doc, family).unwrap()
+}
+
+fn nft_tables(json: &str, dst: &str) -> Tables {
+    let family = if dst.starts_with('[') {
+        shunt::plan::Family::V6
+    } else {
+        shunt::plan::Family::V4
+    };
+    Tables::from_nft(nft(json, family))
+}
+
+/// Every rule of the fixtures translates: none is left uncertain for want of a mapping.
+#[test]
+fn nft_fixtures_translate_without_unsupported_expressions() {
+    use shunt::explain::matches::{Cond, Target};
+    for (name, json) in [
+        ("shunt", SHUNT_NFT),
+        ("shunt tproxy", SHUNT_TPROXY_NFT),
+        ("istio", ISTIO_NFT),
+    ] {
+        for family in [shunt::plan::Family::V4, shunt::plan::Family::V6] {
+            let tables = nft(json, family);
+            assert!(!tables.is_empty(), "{name}");
+            for t in &tables {
+                assert!(!t.bases.is_empty(), "{name}: {} has no base chain", t.name);
+                for (chain, def) in &t.chains {
+                    for (rule, text) in &def.rules {
+                        assert!(
+                            !rule
+                                .matches
+                                .iter()
+                                .any(|m| matches!(m.cond, Cond::Unsupported(_))),
+                            "{name} {chain}: {text}"
+                        );
+                        assert!(
+                            !matches!(rule.target, Target::Unknown(_)),
+                            "{name} {chain}: {text}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let shunt = nft(SHUNT_NFT, shunt::plan::Family::V4);
+    let nat_output = shunt[0]
+        .bases
+        .iter()
+        .find(|b| b.chain == "nat_output")
+        .unwrap();
+    assert_eq!(
+        (nat_output.hook, nat_output.prio, nat_output.nat),
+        ("OUTPUT", -110, true)
+    );
+}
+
+#[test]
+fn shunt_nft_table_redirects_and_excludes() {
+    let cases = [
+        ("10.9.9.9:80", 1000, "redirect:15001"),
+        ("10.9.9.9:2222", 1000, "accept"),
+        ("10.200.1.7:80", 1000, "accept"),
+        ("10.3.4.5:80", 1000, "accept"),
+        ("10.9.9.9:80", 1337, "accept"),
+        ("[fd00:9::1]:80", 1000, "redirect:15001"),
+        ("[fd00:5:1::9]:80", 1000, "accept"),
+        ("[fd00:9::1]:80", 1337, "accept"),
+    ];
+    for (dst, uid, want) in cases {
+        let e = explain(&nft_tables(SHUNT_NFT, dst), &host(), &out(dst, uid));
+        assert_eq!(v(&e), want, "{dst} as {uid}: {e:#?}");
+        assert!(e.uncertain.is_empty(), "{dst}: {:?}", e.uncertain);
+    }
+    // Inbound from another host: the inbound redirect.
+    let mut q = Query::new(Direction::In, Proto::Tcp, "10.0.0.2:8080".parse().unwrap());
+    q.src = Some("10.0.0.9".parse().unwrap());
+    let e = explain(&nft_tables(SHUNT_NFT, "10.0.0.2"), &host(), &q);
+    assert_eq!(v(&e), "redirect:15006", "{e:#?}");
+    assert_eq!(e.trace[0].table, "inet shunt");
+    assert_eq!(e.trace[0].chain, "nat_prerouting");
+    assert_eq!(e.trace[0].rule, "meta nfproto ipv4 jump v4_nat_PREROUTING");
+}
+
+#[test]
+fn shunt_nft_tproxy_table_diverts_inbound() {
+    let mut q = Query::new(Direction::In, Proto::Tcp, "10.0.0.2:8080".parse().unwrap());
+    q.src = Some("10.0.0.9".parse().unwrap());
+    let e = explain(&nft_tables(SHUNT_TPROXY_NFT, "10.0.0.2"), &host(), &q);
+    assert_eq!(v(&e), "tproxy:15006", "{e:#?}");
+    q.dst = "10.0.0.2:9090".parse().unwrap();
+    let e = explain(&nft_tables(SHUNT_TPROXY_NFT, "10.0.0.2"), &host(), &q);
+    assert_eq!(v(&e), "accept", "{e:#?}");
+    // DNS from the app to the DNS server: the DNS port.
+    let mut q = out("10.200.0.1:53", 1000);
+    q.proto = Proto::Udp;
+    let e = explain(&nft_tables(SHUNT_TPROXY_NFT, "10.200.0.1"), &host(), &q);
+    assert_eq!(v(&e), "redirect:15053", "{e:#?}");
+}
+
+#[test]
+fn istio_nft_tables_capture_as_istio_does() {
+    for (dst, uid, want) in [
+        ("10.9.9.9:80", 1000, "redirect:15001"),
+        ("10.9.9.9:80", 1337, "accept"),
+        ("10.200.1.3:80", 1000, "accept"),
+        ("127.0.0.1:80", 1000, "accept"),
+        ("[fd00:9::1]:443", 1000, "redirect:15001"),
+    ] {
+        let e = explain(&nft_tables(ISTIO_NFT, dst), &host(), &out(dst, uid));
+        assert_eq!(v(&e), want, "{dst} as {uid}: {e:#?}");
+    }
+    let mut q = Query::new(Direction::In, Proto::Tcp, "10.0.0.2:8080".parse().unwrap());
+    q.src = Some("10.0.0.9".parse().unwrap());
+    let e = explain(&nft_tables(ISTIO_NFT, "10.0.0.2"), &host(), &q);
+    assert_eq!(v(&e), "redirect:15006", "{e:#?}");
+    q.dst = "10.0.0.2:15008".parse().unwrap();
+    let e = explain(&nft_tables(ISTIO_NFT, "10.0.0.2"), &host(), &q);
+    assert_eq!(v(&e), "accept", "{e:#?}");
+}
+
+/// Another tool's iptables DNAT and shunt's nft table in one namespace: shunt's nat chain
+/// (priority -110) binds first; where it lets the packet pass, iptables' nat (-100) runs.
+#[test]
+fn nft_chains_interleave_with_iptables_first_nat_binding_wins() {
+    let other = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp --dport 80 -j DNAT --to-destination 10.0.0.77:8080\nCOMMIT\n";
+    let both = |_: &str| tables(other).with_nft(nft(SHUNT_NFT, shunt::plan::Family::V4));
+    let e = explain(&both("10.9.9.9"), &host(), &out("10.9.9.9:80", 1000));
+    assert_eq!(v(&e), "redirect:15001", "{e:#?}");
+    assert!(e.trace.iter().all(|s| s.table == "inet shunt"), "{e:#?}");
+    let e = explain(&both("10.9.9.9"), &host(), &out("10.9.9.9:80", 1337));
+    assert_eq!(v(&e), "dnat:10.0.0.77:8080", "{e:#?}");
+    assert_eq!(e.trace.last().unwrap().table, "nat");
+}
+
+/// An expression explain has no model for is uncertain, never guessed.
+#[test]
+fn an_unknown_nft_expression_is_uncertain() {
+    let doc = serde_json::json!({"nftables": [
+        {"table": {"family": "inet", "name": "other"}},
+        {"chain": {"family": "inet", "table": "other", "name": "out", "type": "filter",
+                   "hook": "output", "prio": 0, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "other", "chain": "out", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "cpu"}}, "right": 1}},
+            {"drop": null}]}},
+        // iptables-nft's own table: read through iptables-nft-save, not here.
+        {"table": {"family": "ip", "name": "nat"}},
+        {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT", "type": "nat",
+                   "hook": "output", "prio": -100, "policy": "accept"}}
+    ]});
+    let t = shunt::explain::nft::tables_from_json(&doc, shunt::plan::Family::V4).unwrap();
+    assert_eq!(t.len(), 1);
+    let e = explain(&Tables::from_nft(t), &host(), &out("10.9.9.9:80", 1000));
+    assert_eq!(e.verdict, Verdict::Unknown, "{e:#?}");
+    assert_eq!(e.uncertain.len(), 1, "{e:#?}");
+    assert!(e.uncertain[0].reason.contains("meta cpu"), "{e:#?}");
+}
+
+/// Istio's nat chains sit at -100, iptables' nat priority: the kernel's order between them is
+/// the order they were registered in, which explain says it cannot see.
+#[test]
+fn a_priority_shared_with_iptables_is_noted() {
+    let other = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp --dport 80 -j DNAT --to-destination 10.0.0.77:8080\nCOMMIT\n";
+    let t = tables(other).with_nft(nft(ISTIO_NFT, shunt::plan::Family::V4));
+    let e = explain(&t, &host(), &out("10.9.9.9:80", 1000));
+    assert!(
+        e.notes
+            .iter()
+            .any(|n| n.contains("iptables nat and inet istio-proxy-nat output share priority -100")),
+        "{e:#?}"
+    );
+    // Without iptables rules at that hook there is nothing to order.
+    let e = explain(
+        &nft_tables(ISTIO_NFT, "10.9.9.9"),
+        &host(),
+        &out("10.9.9.9:80", 1000),
+    );
+    assert!(
+        !e.notes.iter().any(|n| n.contains("share priority")),
+        "{e:#?}"
+    );
+}

@@ -289,7 +289,7 @@ fn one_engine_at_a_time_and_auto_follows_the_table() {
 }
 
 #[test]
-fn render_prints_the_transaction_and_explain_refuses_to_guess() {
+fn render_prints_the_transaction_and_explain_reads_the_table() {
     let out = shunt_command()
         .args(["render", "--backend", "nftables", "--ipv6", "off"])
         .output()
@@ -304,20 +304,36 @@ fn render_prints_the_transaction_and_explain_refuses_to_guess() {
         "{text}"
     );
     assert!(!text.contains("ipv6"), "{text}");
-    // The plan alone explains the same for every engine; a namespace's nftables table is
-    // not read yet, so explain says so instead of guessing.
-    require_netns!();
+    // explain walks the installed table's base chains.
+    require_nft!();
     let ns = Ns::new("nft-explain");
-    let out = ns.shunt(&[
-        "explain",
-        "out",
-        "tcp",
-        "10.0.0.1:80",
-        "--backend",
-        "nftables",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("nftables"), "{}", stderr(&out));
+    ok(&apply(&ns, &["--ipv6", "off"]));
+    let explain = |uid: &str| {
+        let out = ns.shunt(&[
+            "explain",
+            "out",
+            "tcp",
+            "10.0.0.1:80",
+            "--uid",
+            uid,
+            "--gid",
+            uid,
+            "--iface",
+            "eth0",
+            "--src",
+            "10.0.0.2",
+            "--backend",
+            "nftables",
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&ok(&out)).unwrap()
+    };
+    let v = explain("1000");
+    assert_eq!(v["verdict"], "redirect", "{v}");
+    assert_eq!(v["to_port"], 15001, "{v}");
+    assert_eq!(v["trace"][0]["table"], "inet shunt", "{v}");
+    assert_eq!(v["trace"][0]["chain"], "nat_output", "{v}");
+    assert_eq!(explain("1337")["verdict"], "accept");
 }
 
 #[test]

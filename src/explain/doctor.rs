@@ -230,11 +230,9 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     let backend = match cfg.backend {
         crate::config::BackendChoice::Legacy => Backend::Legacy,
         crate::config::BackendChoice::Nft => Backend::Nft,
-        crate::config::BackendChoice::Nftables => {
-            // The same refusal as explain's, with its reason.
-            crate::explain::rules_from_namespace(cfg.backend, Family::V4, ns)?;
-            Backend::Nft
-        }
+        // shunt's table is read natively below; the iptables checks look at the nft backend,
+        // where another tool's iptables-nft rules would be.
+        crate::config::BackendChoice::Nftables => Backend::Nft,
         // The same rule as apply's, on the same saves.
         crate::config::BackendChoice::Auto => capture::pick_backend(
             &saves
@@ -244,7 +242,8 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
                 .collect::<Vec<_>>(),
         ),
     };
-    // The native nftables engine: doctor reports it; its per-chain checks read iptables only.
+    // The native nftables engine: doctor reports it. The chain and counter checks read
+    // iptables only; the explain check walks native tables too.
     let nft_table =
         netfilter::find_tool("nft").is_some() && crate::nftables::read(ns).ok().flatten().is_some();
     if nft_table {
@@ -252,8 +251,9 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             check(
                 "engine",
                 Status::Warn,
-                "shunt's rules are in the nftables engine (table inet shunt); the chain checks \
-                 below read the iptables engines only",
+                "shunt's rules are in the nftables engine (table inet shunt); the chain and \
+                 counter checks below read the iptables engines only (the explain check walks \
+                 the nftables table too)",
             )
             .hint("`shunt check --backend nftables` compares the table with the plan")
         } else {
@@ -451,7 +451,14 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             let mut q = super::Query::new(super::Direction::Out, super::Proto::Tcp, target);
             q.uid = Some(uid);
             q.gid = Some(gid);
-            let e = super::explain(&super::Tables::from_saved(&saved), &host, &q);
+            let mut tables = super::Tables::from_saved(&saved);
+            if nft_table {
+                // Native base chains run between iptables' tables: walk them too.
+                if let Ok(native) = super::native_tables(Family::V4, ns) {
+                    tables = tables.with_nft(native);
+                }
+            }
+            let e = super::explain(&tables, &host, &q);
             let what = format!("a new connection from uid {uid} to {target}");
             let netns_flag = cfg
                 .netns

@@ -205,6 +205,30 @@ impl Host {
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
     layers: Vec<Layer>,
+    /// Native nftables tables: their base chains run at their own priorities, interleaved
+    /// with the iptables tables of every layer.
+    nft: Vec<NftTable>,
+}
+
+/// One native nftables table (see [`super::nft`]).
+#[derive(Debug, Clone, Default)]
+pub struct NftTable {
+    /// `inet shunt`, `ip6 foo`: family and name, as traces show it.
+    pub name: String,
+    pub family: String,
+    pub chains: HashMap<String, ChainDef>,
+    pub bases: Vec<NftBase>,
+}
+
+/// A base chain: where it hooks in.
+#[derive(Debug, Clone)]
+pub struct NftBase {
+    pub chain: String,
+    /// The iptables name of the hook (`OUTPUT`).
+    pub hook: &'static str,
+    pub prio: i32,
+    /// `type nat`: runs inside netfilter's NAT step, and only until a binding is made.
+    pub nat: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -214,10 +238,11 @@ struct Layer {
     tables: HashMap<String, HashMap<String, ChainDef>>,
 }
 
+/// A chain: its policy (built-in and base chains) and its rules with their text.
 #[derive(Debug, Clone, Default)]
-struct ChainDef {
-    policy: Option<String>,
-    rules: Vec<(Rule, String)>,
+pub struct ChainDef {
+    pub policy: Option<String>,
+    pub rules: Vec<(Rule, String)>,
 }
 
 impl Tables {
@@ -242,7 +267,27 @@ impl Tables {
                 label: None,
                 tables,
             }],
+            nft: Vec::new(),
         }
+    }
+
+    /// No iptables rules, only these native nftables tables.
+    pub fn from_nft(nft: Vec<NftTable>) -> Tables {
+        Tables {
+            layers: Vec::new(),
+            nft,
+        }
+    }
+
+    /// These iptables layers and the native nftables tables `nft`.
+    pub fn with_nft(mut self, nft: Vec<NftTable>) -> Tables {
+        self.nft.extend(nft);
+        self
+    }
+
+    /// The native nftables tables' names.
+    pub fn nft_tables(&self) -> Vec<String> {
+        self.nft.iter().map(|t| t.name.clone()).collect()
     }
 
     /// Names the layers (e.g. by backend) in traces.
@@ -257,6 +302,7 @@ impl Tables {
     /// layer that translates the connection settles it; the next is not consulted.
     pub fn then(mut self, other: Tables) -> Tables {
         self.layers.extend(other.layers);
+        self.nft.extend(other.nft);
         self
     }
 
@@ -276,7 +322,10 @@ impl Tables {
             l.tables
                 .values()
                 .all(|c| c.values().all(|d| d.rules.is_empty()))
-        })
+        }) && self
+            .nft
+            .iter()
+            .all(|t| t.chains.values().all(|d| d.rules.is_empty()))
     }
 }
 
@@ -427,6 +476,16 @@ fn addr_str(ip: IpAddr, port: u16) -> String {
 }
 
 const MAX_DEPTH: usize = 64;
+
+/// What runs at one place of a hook.
+enum Entry {
+    /// An iptables table (in every layer).
+    Iptables(&'static str),
+    /// A native base chain: table index, chain name.
+    Nft(usize, String),
+    /// Netfilter's NAT step, which runs the nat chains.
+    Nat,
+}
 
 struct Walk<'a> {
     tables: &'a Tables,
@@ -592,6 +651,16 @@ impl<'a> Walk<'a> {
                 }
             }
             Cond::Comment(_) => Tri::Yes,
+            Cond::Ipv4(v4) => yes(p.dst.is_ipv4() == *v4),
+            Cond::SkUid(_) | Cond::SkGid(_) if !p.has_socket => Tri::No,
+            Cond::SkUid(list) => match p.uid {
+                Some(u) => yes(list.iter().any(|r| in_range(r, u))),
+                None => Tri::Unknown("the sending uid is not known (pass --uid)".into()),
+            },
+            Cond::SkGid(list) => match p.gid {
+                Some(g) => yes(list.iter().any(|r| in_range(r, g))),
+                None => Tri::Unknown("the sending gid is not known (pass --gid)".into()),
+            },
             Cond::Unsupported(what) => Tri::Unknown(format!("cannot evaluate `{what}`")),
         }
     }
@@ -630,7 +699,18 @@ impl<'a> Walk<'a> {
             return Flow::Accept;
         };
         self.label = tables.layers[layer].label.clone();
-        let builtin = self.hook;
+        self.chains(table, chains, self.hook)
+    }
+
+    /// Runs one base chain of a native nftables table.
+    fn nft_chain(&mut self, t: usize, chain: &str) -> Flow {
+        let table = &self.tables.nft[t];
+        self.label = Some("nftables".into());
+        self.chains(&table.name, &table.chains, chain)
+    }
+
+    /// Walks from the chain `builtin` of `chains` until a verdict or its policy.
+    fn chains(&mut self, table: &str, chains: &HashMap<String, ChainDef>, builtin: &str) -> Flow {
         let mut stack: Vec<(String, usize)> = Vec::new();
         let (mut cur, mut i) = (builtin.to_string(), 0usize);
         loop {
@@ -642,7 +722,7 @@ impl<'a> Walk<'a> {
                         i = next;
                         continue;
                     }
-                    None => return self.policy(table, chains),
+                    None => return self.policy(table, chains, builtin),
                 }
             }
             let (rule, text) = &rules[i];
@@ -671,7 +751,7 @@ impl<'a> Walk<'a> {
                         cur = c;
                         i = next;
                     }
-                    None => return self.policy(table, chains),
+                    None => return self.policy(table, chains, builtin),
                 },
                 Target::Jump(c) | Target::Goto(c) => {
                     if !chains.contains_key(c) {
@@ -751,13 +831,13 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn policy(&mut self, table: &str, chains: &HashMap<String, ChainDef>) -> Flow {
+    fn policy(&mut self, table: &str, chains: &HashMap<String, ChainDef>, chain: &str) -> Flow {
         let policy = chains
-            .get(self.hook)
+            .get(chain)
             .and_then(|c| c.policy.clone())
             .unwrap_or_else(|| "ACCEPT".into());
         if policy != "ACCEPT" {
-            let step = self.step(table, self.hook, None, format!("policy {policy}"));
+            let step = self.step(table, chain, None, format!("policy {policy}"));
             self.trace.push(step);
         }
         match policy.as_str() {
@@ -767,40 +847,158 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// Runs the tables of one hook in priority order; stops at the first non-accept.
-    fn hook(&mut self, hook: &'static str, tables: &[&str]) -> Flow {
+    /// Runs the iptables tables `tables` of one hook and the native base chains on it, in
+    /// priority order; stops at the first non-accept. NAT chains (iptables' nat table and
+    /// nft `type nat` chains alike) run inside netfilter's one NAT step (priority -100 for
+    /// destination NAT, 100 for source NAT), among themselves in priority order, and only
+    /// until one binds the connection: the first binding wins. `tables` leaves out nat
+    /// where the connection's NAT is already settled, and then no nat chain runs.
+    fn hook(&mut self, hook: &'static str, tables: &[&'static str]) -> Flow {
         self.hook = hook;
+        let dst_hook = matches!(hook, "PREROUTING" | "OUTPUT");
+        let nat_prio = if dst_hook { -100 } else { 100 };
+        let mut plain: Vec<(i32, Entry)> = Vec::new();
+        let mut nat: Vec<(i32, Entry)> = Vec::new();
         for &t in tables {
-            if t == "nat" {
-                if self.pkt.untracked {
-                    self.notes
-                        .push(format!("{hook}: nat skipped, the packet is not tracked"));
-                    continue;
-                }
-                if self.pkt.ctstate != CtState::New {
-                    self.notes.push(format!(
-                        "{hook}: nat skipped, only the first packet of a connection (NEW) sees it"
-                    ));
-                    continue;
+            let prio = match t {
+                "raw" => -300,
+                "mangle" => -150,
+                "nat" => nat_prio,
+                _ => 0,
+            };
+            let list = if t == "nat" { &mut nat } else { &mut plain };
+            list.push((prio, Entry::Iptables(t)));
+        }
+        for (i, table) in self.tables.nft.iter().enumerate() {
+            for b in table.bases.iter().filter(|b| b.hook == hook) {
+                let e = (b.prio, Entry::Nft(i, b.chain.clone()));
+                match b.nat {
+                    true if tables.contains(&"nat") => nat.push(e),
+                    true => {}
+                    false => plain.push(e),
                 }
             }
-            let before = (self.pkt.dst, self.pkt.dport);
-            for layer in 0..self.tables.layers.len() {
-                let nat_before = (self.redirect, self.dnat.clone(), self.pkt.snat);
-                let flow = self.table(layer, t);
+        }
+        // Equal priorities keep the order of registration, which userspace cannot see:
+        // iptables' tables first here, and said so.
+        nat.sort_by_key(|e| e.0);
+        for list in [&plain, &nat] {
+            self.note_ties(list);
+        }
+        if !nat.is_empty() {
+            plain.push((nat_prio, Entry::Nat));
+        }
+        plain.sort_by_key(|e| e.0);
+        for (prio, entry) in plain {
+            // Conntrack attaches at -200 on the first hook (after raw).
+            if dst_hook && prio > -200 {
+                self.pkt.ct_attached = true;
+            }
+            let flow = match entry {
+                Entry::Iptables(t) => self.iptables_table(t),
+                Entry::Nft(i, chain) => self.nft_chain(i, &chain),
+                Entry::Nat => self.nat(&nat),
+            };
+            if flow != Flow::Accept {
+                return flow;
+            }
+        }
+        if dst_hook {
+            self.pkt.ct_attached = true;
+        }
+        Flow::Accept
+    }
+
+    /// Notes entries of one hook that share a priority and both have rules there.
+    fn note_ties(&mut self, list: &[(i32, Entry)]) {
+        let name = |e: &Entry| -> Option<String> {
+            match e {
+                Entry::Iptables(t) => self
+                    .tables
+                    .layers
+                    .iter()
+                    .any(|l| {
+                        l.tables
+                            .get(*t)
+                            .and_then(|c| c.get(self.hook))
+                            .is_some_and(|c| {
+                                !c.rules.is_empty()
+                                    || c.policy.as_deref().is_some_and(|p| p != "ACCEPT")
+                            })
+                    })
+                    .then(|| format!("iptables {t}")),
+                Entry::Nft(i, chain) => Some(format!("{} {chain}", self.tables.nft[*i].name)),
+                Entry::Nat => None,
+            }
+        };
+        for (i, (p, a)) in list.iter().enumerate() {
+            for (q, b) in &list[i + 1..] {
+                if p != q || matches!((a, b), (Entry::Iptables(_), Entry::Iptables(_))) {
+                    continue;
+                }
+                if let (Some(x), Some(y)) = (name(a), name(b)) {
+                    let note = format!(
+                        "{}: {x} and {y} share priority {p}; the kernel runs them in the order \
+                         they were registered, which cannot be read back (shown: {x} first)",
+                        self.hook
+                    );
+                    if !self.notes.contains(&note) {
+                        self.notes.push(note);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One iptables table in every layer (both backends, when both hold rules).
+    fn iptables_table(&mut self, t: &str) -> Flow {
+        for layer in 0..self.tables.layers.len() {
+            let flow = self.table(layer, t);
+            if flow != Flow::Accept {
+                return flow;
+            }
+        }
+        Flow::Accept
+    }
+
+    /// Netfilter's NAT step: the nat chains in order until one binds the connection.
+    fn nat(&mut self, chains: &[(i32, Entry)]) -> Flow {
+        let hook = self.hook;
+        if self.pkt.untracked {
+            self.notes
+                .push(format!("{hook}: nat skipped, the packet is not tracked"));
+            return Flow::Accept;
+        }
+        if self.pkt.ctstate != CtState::New {
+            self.notes.push(format!(
+                "{hook}: nat skipped, only the first packet of a connection (NEW) sees it"
+            ));
+            return Flow::Accept;
+        }
+        let before = (self.pkt.dst, self.pkt.dport);
+        let bound = |w: &Walk| (w.redirect, w.dnat.clone(), w.pkt.snat);
+        let nat_before = bound(self);
+        'chains: for (_, entry) in chains {
+            let layers = match entry {
+                Entry::Iptables(_) => self.tables.layers.len(),
+                _ => 1,
+            };
+            for layer in 0..layers {
+                let flow = match entry {
+                    Entry::Iptables(t) => self.table(layer, t),
+                    Entry::Nft(i, chain) => self.nft_chain(*i, chain),
+                    Entry::Nat => Flow::Accept,
+                };
                 if flow != Flow::Accept {
                     return flow;
                 }
-                if t == "nat" && (self.redirect, self.dnat.clone(), self.pkt.snat) != nat_before {
-                    break; // the connection is translated: later nat layers are not consulted
+                if bound(self) != nat_before {
+                    break 'chains; // the connection is translated: later nat chains are not consulted
                 }
             }
-            if t == "raw" {
-                self.pkt.ct_attached = true;
-            }
-            if t == "nat" && (self.pkt.dst, self.pkt.dport) != before && hook == "OUTPUT" {
-                self.reroute();
-            }
+        }
+        if (self.pkt.dst, self.pkt.dport) != before && hook == "OUTPUT" {
+            self.reroute();
         }
         Flow::Accept
     }

@@ -126,6 +126,13 @@ pub enum Cond {
         limit_out: bool,
     },
     Comment(String),
+    /// nft's `meta nfproto ipv4|ipv6` (and the family an `ip`/`ip6` payload match implies):
+    /// true for IPv4.
+    Ipv4(bool),
+    /// nft's `meta skuid` / `meta skgid` over a set of ranges. Unlike xt_owner, a packet
+    /// without a socket matches neither form, negated or not (the expression breaks).
+    SkUid(Vec<Range<u32>>),
+    SkGid(Vec<Range<u32>>),
     /// A match the evaluator cannot decide, with what it was.
     Unsupported(String),
 }

@@ -12,6 +12,7 @@
 pub mod doctor;
 pub mod eval;
 pub mod matches;
+pub mod nft;
 pub mod report;
 pub mod validate;
 
@@ -67,8 +68,9 @@ pub enum ExplainFormat {
 /// Flags of `shunt explain` (SPEC §6).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Where the rules come from: --netns reads the namespace's rules (from the \
-iptables backend that holds them); --rules reads iptables-save text (a file, or - for stdin); \
+    after_help = "Where the rules come from: --netns reads the namespace's rules (the \
+iptables backend that holds them and, with --backend auto or nftables, every native nftables \
+table, walked by hook priority); --rules reads iptables-save text (a file, or - for stdin); \
 with neither, the plan that the given capture options would install.\n\n\
 Examples:\n  shunt explain --netns /run/netns/pod out tcp 10.96.0.10:443 --uid 1000\n  \
 shunt explain --netns /run/netns/pod in tcp 10.200.0.2:8080 --src 10.200.0.1 --json\n  \
@@ -333,54 +335,93 @@ pub fn rules_from_text(
     Ok((chosen, notes))
 }
 
-/// The rules the namespace holds for `family`: from the backend that holds rules (as
-/// `--backend auto` picks it), or from both, layered, when both do (the kernel runs both).
+/// The native nftables tables of the namespace that see `family` (`nft -j list ruleset`),
+/// iptables-nft's own tables left out.
+pub fn native_tables(
+    family: Family,
+    ns: Option<&Netns>,
+) -> Result<Vec<eval::NftTable>, crate::Error> {
+    let text = netfilter::spawn_tool("nft", &["-j", "list", "ruleset"], None, ns)?.wait()?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ExplainError::Failed(format!("cannot read `nft -j list ruleset`: {e}")))?;
+    nft::tables_from_json(&doc, family)
+        .map_err(|e| ExplainError::Failed(format!("cannot read `nft -j list ruleset`: {e}")).into())
+}
+
+/// The rules the namespace holds for `family`: from the iptables backend that holds rules
+/// (as `--backend auto` picks it), or from both, layered, when both do (the kernel runs
+/// both); with `auto` and `nftables`, also every native nftables table, whose base chains
+/// run at their priorities between iptables' tables.
 pub fn rules_from_namespace(
     backend: BackendChoice,
     family: Family,
     ns: Option<&Netns>,
 ) -> Result<(Tables, String, Vec<String>), crate::Error> {
     let mut notes = Vec::new();
+    let all = || -> Vec<Backend> {
+        [Backend::Nft, Backend::Legacy]
+            .into_iter()
+            .filter(|b| b.available(family))
+            .collect()
+    };
     let candidates: Vec<Backend> = match backend {
         BackendChoice::Legacy => vec![Backend::Legacy],
         BackendChoice::Nft => vec![Backend::Nft],
-        // Never a guess: explain does not evaluate native nftables chains yet.
-        BackendChoice::Nftables => {
-            return Err(usage(
-                "--backend",
-                "nftables",
-                "explain and doctor read the iptables engines only so far; for the nftables \
-                 engine, `shunt check --backend nftables` compares the table with the plan and \
-                 `nft list table inet shunt` shows it",
-            )
-            .into())
+        BackendChoice::Nftables | BackendChoice::Auto => all(),
+    };
+    let native: Vec<eval::NftTable> = match backend {
+        BackendChoice::Nftables => native_tables(family, ns)?,
+        BackendChoice::Auto if netfilter::find_tool("nft").is_some() => {
+            match native_tables(family, ns) {
+                Ok(t) => t,
+                Err(e) => {
+                    notes.push(format!("native nftables tables not read: {e}"));
+                    Vec::new()
+                }
+            }
         }
-        BackendChoice::Auto => [Backend::Nft, Backend::Legacy]
-            .into_iter()
-            .filter(|b| b.available(family))
-            .collect(),
+        _ => Vec::new(),
+    };
+    let native_names = Tables::from_nft(native.clone()).nft_tables();
+    let native_label =
+        (!native_names.is_empty()).then(|| format!("nftables ({})", native_names.join(", ")));
+    let with_native = |t: Tables, label: String| -> (Tables, String) {
+        match &native_label {
+            Some(n) if label.is_empty() => (t.with_nft(native.clone()), n.clone()),
+            Some(n) => (
+                t.with_nft(native.clone()),
+                format!("{label} backend and {n}"),
+            ),
+            None => (t, label),
+        }
     };
     let mut seen = Vec::new();
     for b in candidates {
         seen.push((b, netfilter::save(b, family, ns)?));
     }
     if seen.is_empty() {
+        if native_label.is_some() {
+            let (t, l) = with_native(Tables::default(), String::new());
+            return Ok((t, l, notes));
+        }
         return Err(ExplainError::Failed(
             "no iptables tools found (iptables-nft-save or iptables-legacy-save)".into(),
         )
         .into());
     }
     let holding: Vec<&(Backend, Saved)> = seen.iter().filter(|(_, s)| s.has_rules()).collect();
-    match holding.as_slice() {
+    let (tables, label) = match holding.as_slice() {
         [] => {
-            notes.push(format!(
-                "the namespace holds no {} rules: every chain's policy decides",
-                family.name()
-            ));
+            if native_label.is_none() {
+                notes.push(format!(
+                    "the namespace holds no {} rules: every chain's policy decides",
+                    family.name()
+                ));
+            }
             let (b, saved) = &seen[0];
-            Ok((Tables::from_saved(saved), b.name().to_string(), notes))
+            (Tables::from_saved(saved), b.name().to_string())
         }
-        [(b, saved)] => Ok((Tables::from_saved(saved), b.name().to_string(), notes)),
+        [(b, saved)] => (Tables::from_saved(saved), b.name().to_string()),
         [(a, sa), (b, sb), ..] => {
             notes.push(
                 "both the nft and the legacy backends hold rules: the kernel runs both at every \
@@ -390,9 +431,16 @@ pub fn rules_from_namespace(
             let tables = Tables::from_saved(sa)
                 .labelled(a.name())
                 .then(Tables::from_saved(sb).labelled(b.name()));
-            Ok((tables, format!("{} and {}", a.name(), b.name()), notes))
+            (tables, format!("{} and {}", a.name(), b.name()))
         }
-    }
+    };
+    let label = if holding.is_empty() && native_label.is_some() {
+        String::new()
+    } else {
+        label
+    };
+    let (tables, label) = with_native(tables, label);
+    Ok((tables, label, notes))
 }
 
 fn ip_json(args: &[&str], ns: Option<&Netns>) -> Option<serde_json::Value> {
@@ -502,7 +550,12 @@ pub fn load(
     } else if let Some(ns) = &ns {
         let (tables, b, n) = rules_from_namespace(cfg.backend, family, Some(ns))?;
         notes.extend(n);
-        (tables, format!("{b} backend in {}", ns.path().display()))
+        let what = if b.contains("nftables (") {
+            b
+        } else {
+            format!("{b} backend")
+        };
+        (tables, format!("{what} in {}", ns.path().display()))
     } else {
         let plan = plan::build(cfg, cfg.ipv6 != config::Ipv6::Off);
         let rs = match family {
