@@ -22,12 +22,13 @@ COPY shunt /shunt
 FROM ${SHUNT_BINARY} AS binary
 
 # Final stage: the binary plus iptables with both backends (iptables-nft and iptables-legacy
-# ship in Debian's iptables package) and iproute2 (apply puts ::6 on lo).
+# ship in Debian's iptables package), nft for the native nftables engine, and iproute2 (apply
+# puts ::6 on lo).
 FROM debian:bookworm-slim
 # Debian stable's security updates change patch versions; pinning them would break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables iproute2 \
+ && apt-get install -y --no-install-recommends iptables nftables iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=binary /shunt /usr/local/bin/shunt
 # The init step needs root (with NET_ADMIN); the proxy drops to 1337 via securityContext or --user.

@@ -445,3 +445,24 @@ fn migrate_moves_the_rules_between_engines_both_ways() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--migrate"), "{}", stderr(&out));
 }
+
+#[test]
+fn auto_picks_nftables_on_a_node_without_iptables() {
+    require_nft!();
+    let ns = Ns::new("nft-noipt");
+    let dir = tempdir::Dir::new("noiptables");
+    for tool in ["ip", "nft"] {
+        let real = common::must(&["sh", "-c", &format!("command -v {tool}")]);
+        std::os::unix::fs::symlink(real.trim(), dir.0.join(tool)).unwrap();
+    }
+    let out = shunt_command()
+        .args(["apply", "--json", "--ipv6", "off", "--netns", &ns.path()])
+        .env("PATH", &dir.0)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(&out).into_bytes()).unwrap();
+    assert_eq!(v["backend"], "nftables", "{v}");
+    assert!(ns
+        .must(&["nft", "list", "table", "inet", "shunt"])
+        .contains("v4_nat_OUTPUT"));
+}
