@@ -131,28 +131,30 @@ fn other_engine(wanted: EngineKind, held: EngineKind) -> NetfilterError {
 fn choose_engine(
     choice: BackendChoice,
     ns: Option<&Netns>,
-) -> Result<(EngineKind, Option<Saved>, Option<Probe>), NetfilterError> {
-    let (kind, saved) = match choice {
-        BackendChoice::Legacy => {
-            backend_available(Backend::Legacy).map(|()| (EngineKind::Legacy, None))?
-        }
-        BackendChoice::Nft => backend_available(Backend::Nft).map(|()| (EngineKind::Nft, None))?,
-        BackendChoice::Nftables => (EngineKind::Nftables, None),
+) -> Result<(EngineKind, Kept, Option<Probe>), NetfilterError> {
+    let kind = match choice {
+        BackendChoice::Legacy => backend_available(Backend::Legacy).map(|()| EngineKind::Legacy)?,
+        BackendChoice::Nft => backend_available(Backend::Nft).map(|()| EngineKind::Nft)?,
+        BackendChoice::Nftables => EngineKind::Nftables,
         BackendChoice::Auto => {
             let iptables = iptables_available();
-            if nft_available() && (iptables.is_empty() || nftables::read(ns)?.is_some()) {
-                return Ok((EngineKind::Nftables, None, None));
+            // shunt's nftables table is looked for beside the iptables reads, and what is
+            // found is handed to the engine, not read again.
+            let nft = nft_available().then(|| nftables::list(ns)).transpose()?;
+            let which: Vec<(Backend, Family)> = iptables.iter().map(|b| (*b, Family::V4)).collect();
+            let saves = netfilter::save_all(&which, ns);
+            if let Some(run) = nft {
+                let listing = nftables::listed(run.wait())?;
+                if iptables.is_empty() || listing.is_some() {
+                    return Ok((EngineKind::Nftables, Kept::Listing(listing), None));
+                }
             }
             if iptables.is_empty() {
                 return Err(NetfilterError::MissingTool {
                     tool: "iptables-nft-restore, iptables-legacy-restore or nft".into(),
                 });
             }
-            let which: Vec<(Backend, Family)> = iptables.iter().map(|b| (*b, Family::V4)).collect();
-            let seen: Vec<(Backend, Saved)> = iptables
-                .into_iter()
-                .zip(netfilter::save_all(&which, ns)?)
-                .collect();
+            let seen: Vec<(Backend, Saved)> = iptables.into_iter().zip(saves?).collect();
             if seen.iter().filter(|(_, s)| s.has_rules()).count() > 1 {
                 tracing::warn!(
                     "both the nft and the legacy iptables backends hold rules in this namespace; \
@@ -163,10 +165,19 @@ fn choose_engine(
             let pick = pick_backend(&seen);
             let saved = seen.into_iter().find(|(b, _)| *b == pick).map(|(_, s)| s);
             tracing::debug!(backend = pick.name(), "backend chosen");
-            return Ok((pick.into(), saved, None));
+            return Ok((pick.into(), saved.map_or(Kept::Nothing, Kept::Save), None));
         }
     };
-    Ok((kind, saved, Some(Probe::start(kind, ns)?)))
+    Ok((kind, Kept::Nothing, Some(Probe::start(kind, ns)?)))
+}
+
+/// What choosing the engine already read, handed to the engine so it is not read twice.
+enum Kept {
+    Nothing,
+    /// The chosen iptables backend's IPv4 save.
+    Save(Saved),
+    /// shunt's nftables table as listed (`None`: there is none).
+    Listing(Option<String>),
 }
 
 /// The `auto` rule, on the IPv4 saves of the available backends (nft first): the one that
@@ -225,10 +236,15 @@ fn engine(
     ns: Option<&Netns>,
     ipv6: bool,
     strict: bool,
-    kept: Option<Saved>,
+    kept: Kept,
 ) -> Result<Box<dyn Engine>, NetfilterError> {
+    let (kept, listing) = match kept {
+        Kept::Nothing => (None, None),
+        Kept::Save(s) => (Some(s), None),
+        Kept::Listing(l) => (None, Some(l)),
+    };
     Ok(match kind {
-        EngineKind::Nftables => Box::new(Nftables::new(ns.cloned())?),
+        EngineKind::Nftables => Box::new(Nftables::new(ns.cloned(), listing)?),
         EngineKind::Legacy => Box::new(Iptables::new(
             Backend::Legacy,
             ns.cloned(),
@@ -243,9 +259,9 @@ fn engine(
 impl Target {
     pub fn resolve(cfg: &CaptureConfig) -> Result<Target, crate::Error> {
         let (netns, lock) = open_locked(cfg)?;
-        let (kind, v4, probe) = choose_engine(cfg.backend, netns.as_ref())?;
+        let (kind, kept, probe) = choose_engine(cfg.backend, netns.as_ref())?;
         let ipv6 = ipv6_enabled(cfg.ipv6, kind, netns.as_ref())?;
-        let engine = engine(kind, netns.as_ref(), ipv6, true, v4)?;
+        let engine = engine(kind, netns.as_ref(), ipv6, true, kept)?;
         Ok(Target {
             netns,
             _lock: lock,
@@ -391,7 +407,7 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
     // --migrate: the new engine captures now (its NAT runs first, and the first binding a
     // connection gets is kept), so the old engine's rules can go without a gap.
     if let Some(from) = migrate_from {
-        let done = engine(from, target.ns(), true, false, None)?.clean();
+        let done = engine(from, target.ns(), true, false, Kept::Nothing)?.clean();
         old_marks.extend(done.marks);
         if !done.errors.is_empty() {
             return Err(NetfilterError::Incomplete {
@@ -475,7 +491,7 @@ pub fn clean(cfg: &CaptureConfig) -> Result<CleanReport, crate::Error> {
         marks.push(cfg.tproxy_mark);
     }
     for kind in kinds {
-        match engine(kind, ns, true, strict, None) {
+        match engine(kind, ns, true, strict, Kept::Nothing) {
             Ok(mut e) => {
                 let done = e.clean();
                 marks.extend(done.marks);

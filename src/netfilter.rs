@@ -47,8 +47,8 @@ impl Backend {
 
     /// Whether this backend's tools for `family` are installed.
     pub fn available(self, family: Family) -> bool {
-        find_on_path(&self.tool(family, "restore")).is_some()
-            && find_on_path(&self.tool(family, "save")).is_some()
+        find_tool(&self.tool(family, "restore")).is_some()
+            && find_tool(&self.tool(family, "save")).is_some()
     }
 }
 
@@ -115,10 +115,6 @@ fn install_hint(tool: &str) -> &'static str {
 
 /// A tool's path, when it is installed.
 pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    find_on_path(tool)
-}
-
-fn find_on_path(tool: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -132,10 +128,8 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
 /// How long one child tool (iptables-restore, ip, ...) may run before it is killed. One
 /// process-wide bound, set once from `--wait` at the edge, so that every caller of
 /// [`spawn_tool`] (capture, routing, explain) is bounded without threading it through.
-static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64);
-
-/// The documented default for `--wait` (README: exit codes and faults).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Until a command sets it: `--wait`'s documented default.
+static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
 
 pub fn set_tool_timeout(t: Duration) {
     TOOL_TIMEOUT_MS.store(t.as_millis().max(1) as u64, Ordering::Relaxed);
@@ -149,8 +143,11 @@ pub fn tool_timeout() -> Duration {
 /// waiting lets independent reads and writes (IPv4 and IPv6) run side by side.
 pub struct Running {
     tool: String,
-    child: std::process::Child,
+    pid: nix::libc::pid_t,
     started: Instant,
+    /// The child is reaped on a thread of its own, which sends its exit status: `wait` then
+    /// blocks on the channel with the deadline, waking the moment the tool exits.
+    exited: std::sync::mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
     /// Pipes are drained on their own threads, so a tool that writes more than a pipe holds,
     /// or stops reading its input, cannot block us past the deadline.
     stdin: Option<std::thread::JoinHandle<()>>,
@@ -175,7 +172,7 @@ pub fn spawn_tool(
     input: Option<&str>,
     ns: Option<&Netns>,
 ) -> Result<Running, NetfilterError> {
-    let path = find_on_path(tool).ok_or_else(|| NetfilterError::MissingTool {
+    let path = find_tool(tool).ok_or_else(|| NetfilterError::MissingTool {
         tool: tool.to_string(),
     })?;
     let mut cmd = netns::command(&path.to_string_lossy(), ns);
@@ -201,13 +198,21 @@ pub fn spawn_tool(
         }
         _ => None,
     };
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let pid = child.id() as nix::libc::pid_t;
+    let (tx, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
     Ok(Running {
         tool: tool.to_string(),
-        stdout: drain(child.stdout.take()),
-        stderr: drain(child.stderr.take()),
-        child,
+        pid,
         started: Instant::now(),
+        exited,
         stdin,
+        stdout,
+        stderr,
     })
 }
 
@@ -216,26 +221,26 @@ impl Running {
     /// stdout, or an error carrying its stderr.
     pub fn wait(mut self) -> Result<String, NetfilterError> {
         let limit = tool_timeout();
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if self.started.elapsed() >= limit => {
-                    // SIGKILL: a hung iptables-restore has committed nothing yet, or it has
-                    // committed some tables; the caller converges back either way.
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(NetfilterError::Timeout {
-                        tool: self.tool,
-                        after: limit,
-                    });
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                Err(source) => {
-                    return Err(NetfilterError::Spawn {
-                        tool: self.tool,
-                        source,
-                    })
-                }
+        let left = limit.saturating_sub(self.started.elapsed());
+        let status = match self.exited.recv_timeout(left) {
+            Ok(Ok(status)) => status,
+            Ok(Err(source)) => {
+                return Err(NetfilterError::Spawn {
+                    tool: self.tool,
+                    source,
+                })
+            }
+            Err(_) => {
+                // SIGKILL: a hung iptables-restore has committed nothing yet, or it has
+                // committed some tables; the caller converges back either way. Its waiter had
+                // not reaped it a moment ago, so the pid is, but for that moment, still its own.
+                // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
+                unsafe { nix::libc::kill(self.pid, nix::libc::SIGKILL) };
+                let _ = self.exited.recv();
+                return Err(NetfilterError::Timeout {
+                    tool: self.tool,
+                    after: limit,
+                });
             }
         };
         let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
@@ -493,7 +498,7 @@ fn drop_created_tables(
     if created.is_empty() {
         return;
     }
-    if find_on_path("nft").is_none() {
+    if find_tool("nft").is_none() {
         tracing::debug!("nft not installed: leaving the empty tables the rollback emptied");
         return;
     }
@@ -531,12 +536,12 @@ pub fn apply_families(
             continue;
         };
         if let Some(script) = converge(&state.views, want) {
-            work.push((state, want, script));
+            work.push((state, script));
         }
     }
     let mut running = Vec::new();
     let mut first_error = None;
-    for (state, _, script) in &work {
+    for (state, script) in &work {
         match spawn_restore(backend, state.family, script, ns) {
             Ok(r) => running.push(Some(r)),
             Err(e) => {
@@ -546,7 +551,7 @@ pub fn apply_families(
         }
     }
     let mut done = Vec::new();
-    for ((state, _, script), run) in work.iter().zip(running) {
+    for ((state, script), run) in work.iter().zip(running) {
         match run.map(Running::wait) {
             Some(Ok(_)) => done.push((state.family, script.clone())),
             Some(Err(e)) => {
@@ -562,7 +567,7 @@ pub fn apply_families(
     // iptables-restore commits table by table (legacy), so a failure in a later table can
     // leave the earlier ones of the same family committed. Read what is there now rather
     // than guess.
-    let touched: Vec<&FamilyState> = work.iter().map(|(state, _, _)| *state).collect();
+    let touched: Vec<&FamilyState> = work.iter().map(|(state, _)| *state).collect();
     if let Err(rollback) = converge_back(backend, ns, &touched, &cause) {
         return Err(NetfilterError::RollbackFailed {
             cause: cause.to_string(),

@@ -545,14 +545,21 @@ pub struct Nftables {
 }
 
 impl Nftables {
-    /// Starts reading shunt's table. `nft`'s version is only asked when something fails
-    /// (see [`preflight`]), so a working apply costs one process less.
-    pub fn new(ns: Option<Netns>) -> Result<Nftables, NetfilterError> {
-        let reading = Some(list(ns.as_ref())?);
+    /// Starts reading shunt's table, unless the caller has just listed it (`known`). `nft`'s
+    /// version is only asked when something fails (see [`preflight`]), so a working apply
+    /// costs one process less.
+    pub fn new(
+        ns: Option<Netns>,
+        known: Option<Option<String>>,
+    ) -> Result<Nftables, NetfilterError> {
+        let reading = match known {
+            Some(_) => None,
+            None => Some(list(ns.as_ref())?),
+        };
         Ok(Nftables {
             ns,
             reading,
-            listing: None,
+            listing: known,
         })
     }
 
