@@ -215,17 +215,6 @@ fn list(s: &str) -> Option<String> {
     Some(items.join(","))
 }
 
-/// Istio's environment-only settings and second names, looked up through `env` so that
-/// [`IstioArgs::to_options_with`] stays pure.
-pub const ENV_ONLY: [&str; 6] = [
-    "ISTIO_OUTBOUND_OWNER_GROUPS",
-    "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
-    "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
-    "INVALID_DROP",
-    "ISTIO_META_DNS_CAPTURE",
-    "ISTIO_DUAL_STACK",
-];
-
 /// Go's `strconv.ParseBool`, which Istio's variables go through; anything else is refused.
 fn go_bool(name: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value.trim() {
@@ -297,7 +286,9 @@ impl IstioArgs {
     }
 
     /// The equivalent shunt options; errors name Istio's flag. `env` looks up Istio's
-    /// environment-only settings ([`ENV_ONLY`]).
+    /// environment-only settings (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`) and second names (`INVALID_DROP`,
+    /// `ISTIO_META_DNS_CAPTURE`, `ISTIO_DUAL_STACK`).
     pub fn to_options_with(
         &self,
         env: impl Fn(&str) -> Option<String>,

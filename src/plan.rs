@@ -648,7 +648,6 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
 /// so that they, and only they, take the inbound path in mangle.
 pub const ISTIO_OUTBOUND_MARK: u32 = 1338;
 
-const IN_PREROUTING: &str = "SHUNT_PREROUTING";
 const INBOUND_PORTS: &str = "SHUNT_INBOUND_PORTS";
 
 fn not(m: Match) -> Match {
@@ -856,14 +855,11 @@ fn istio_nat(x: &IstioFamily) -> Table {
     let mut chains = Vec::new();
     // TPROXY mode with no interface rules leaves nat PREROUTING empty, as Istio does.
     if !prerouting.is_empty() {
-        chains.push(builtin(
-            "PREROUTING",
-            vec![rule(vec![], jump(IN_PREROUTING))],
-        ));
+        chains.push(builtin("PREROUTING", vec![rule(vec![], jump(PREROUTING))]));
     }
     chains.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));
     if !prerouting.is_empty() {
-        chains.push(user(IN_PREROUTING, prerouting));
+        chains.push(user(PREROUTING, prerouting));
     }
     chains.extend([
         user(INBOUND, inbound),
@@ -969,11 +965,8 @@ fn istio_mangle(x: &IstioFamily) -> Option<Table> {
     }
     let mut base = Vec::new();
     if !pre.is_empty() {
-        base.push(builtin(
-            "PREROUTING",
-            vec![rule(vec![], jump(IN_PREROUTING))],
-        ));
-        chains.insert(0, user(IN_PREROUTING, pre));
+        base.push(builtin("PREROUTING", vec![rule(vec![], jump(PREROUTING))]));
+        chains.insert(0, user(PREROUTING, pre));
     }
     if !out.is_empty() {
         base.push(builtin("OUTPUT", vec![rule(vec![], jump(OUTPUT))]));

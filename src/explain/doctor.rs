@@ -198,10 +198,6 @@ fn save_with_counters(b: Backend, family: Family, ns: Option<&Netns>) -> Option<
 
 use crate::capture::holds_shunt;
 
-fn ipv6_enabled(ns: Option<&Netns>) -> Result<bool, crate::Error> {
-    Ok(capture::ipv6_kernel_enabled(ns)?)
-}
-
 /// Runs every check against the namespace in `cfg.netns` (or the current one).
 pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     let ns = cfg.netns.as_deref().map(Netns::open).transpose()?;
@@ -244,8 +240,14 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     };
     // The native nftables engine: doctor reports it. The chain and counter checks read
     // iptables only; the explain check walks native tables too.
-    let nft_table =
-        netfilter::find_tool("nft").is_some() && crate::nftables::read(ns).ok().flatten().is_some();
+    // One `nft -j list ruleset`: whether shunt's table is there, and the tables explain walks.
+    let native = match netfilter::find_tool("nft") {
+        Some(_) => super::native_tables(Family::V4, ns).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let nft_table = native
+        .iter()
+        .any(|t| t.name == format!("inet {}", crate::nftables::TABLE));
     if nft_table {
         checks.push(if with_shunt.is_empty() {
             check(
@@ -454,9 +456,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             let mut tables = super::Tables::from_saved(&saved);
             if nft_table {
                 // Native base chains run between iptables' tables: walk them too.
-                if let Ok(native) = super::native_tables(Family::V4, ns) {
-                    tables = tables.with_nft(native);
-                }
+                tables = tables.with_nft(native.clone());
             }
             let e = super::explain(&tables, &host, &q);
             let what = format!("a new connection from uid {uid} to {target}");
@@ -603,7 +603,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     }
 
     // 6. IPv6 enabled without IPv6 rules lets IPv6 traffic bypass the proxy.
-    let v6_on = ipv6_enabled(ns)?;
+    let v6_on = capture::ipv6_kernel_enabled(ns)?;
     let v6_rules = saves
         .iter()
         .any(|(b, f, s)| *b == backend && *f == Family::V6 && holds_shunt(s));

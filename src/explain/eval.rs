@@ -215,7 +215,6 @@ pub struct Tables {
 pub struct NftTable {
     /// `inet shunt`, `ip6 foo`: family and name, as traces show it.
     pub name: String,
-    pub family: String,
     pub chains: HashMap<String, ChainDef>,
     pub bases: Vec<NftBase>,
 }
@@ -283,11 +282,6 @@ impl Tables {
     pub fn with_nft(mut self, nft: Vec<NftTable>) -> Tables {
         self.nft.extend(nft);
         self
-    }
-
-    /// The native nftables tables' names.
-    pub fn nft_tables(&self) -> Vec<String> {
-        self.nft.iter().map(|t| t.name.clone()).collect()
     }
 
     /// Names the layers (e.g. by backend) in traces.

@@ -382,7 +382,7 @@ pub fn rules_from_namespace(
         }
         _ => Vec::new(),
     };
-    let native_names = Tables::from_nft(native.clone()).nft_tables();
+    let native_names: Vec<String> = native.iter().map(|t| t.name.clone()).collect();
     let native_label =
         (!native_names.is_empty()).then(|| format!("nftables ({})", native_names.join(", ")));
     let with_native = |t: Tables, label: String| -> (Tables, String) {

@@ -70,7 +70,6 @@ pub fn tables_from_json(doc: &Value, family: Family) -> Result<Vec<NftTable>, St
             if keep(&k) {
                 tables.push(NftTable {
                     name: format!("{} {}", k.0, k.1),
-                    family: k.0.clone(),
                     chains: HashMap::new(),
                     bases: Vec::new(),
                 });
