@@ -30,7 +30,9 @@ split_rules() { # $1 = extra shunt flags
   awk '/^# IPv6 rules/{v6=1} !/^#/{print > (v6 ? "'"$work"'/v6" : "'"$work"'/v4")}' "$work/all"
 }
 
-fresh_ns() { ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; }
+# A deleted namespace is torn down by a kernel worker after `ip netns del` returns; the pause
+# keeps that work off the CPU while the next run is timed (2 cores: it showed as noise).
+fresh_ns() { ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; sleep 0.05; }
 
 bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
   split_rules "$2"

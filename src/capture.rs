@@ -62,7 +62,7 @@ fn nft_available() -> bool {
 /// engine's own read; [`Probe::finish`] refuses to write with one engine while shunt's rules
 /// sit in another (two engines would both capture, in an order only hook priorities decide).
 struct Probe {
-    nft: Option<netfilter::Running>,
+    nft: Option<nftables::Reading>,
     saves: Vec<(EngineKind, netfilter::Running)>,
 }
 
@@ -73,8 +73,9 @@ impl Probe {
             saves: Vec::new(),
         };
         if wanted == EngineKind::Nftables {
-            for b in iptables_available() {
-                if netfilter::legacy_is_empty(b, Family::V4, ns) {
+            // A backend with no table at all is not looked for on PATH either.
+            for b in [Backend::Nft, Backend::Legacy] {
+                if netfilter::known_empty(b, Family::V4, ns) || !b.available(Family::V4) {
                     continue;
                 }
                 probe.saves.push((
@@ -83,12 +84,7 @@ impl Probe {
                 ));
             }
         } else if nft_available() {
-            probe.nft = Some(netfilter::spawn_tool(
-                "nft",
-                &["list", "table", "inet", nftables::TABLE],
-                None,
-                ns,
-            )?);
+            probe.nft = Some(nftables::list(ns)?);
         }
         Ok(probe)
     }
@@ -96,9 +92,9 @@ impl Probe {
     /// The engine that holds shunt's rules besides the wanted one, if any.
     fn finish(self) -> Result<Option<EngineKind>, NetfilterError> {
         let mut held = None;
-        if let Some(run) = self.nft {
-            // nft fails (no such table) when the engine holds nothing.
-            if run.wait().is_ok() {
+        if let Some(reading) = self.nft {
+            // A failing read is no table either: the probe only refuses on rules it saw.
+            if let Ok(Some(_)) = reading.finish() {
                 held = Some(EngineKind::Nftables);
             }
         }
@@ -143,8 +139,8 @@ fn choose_engine(
             let nft = nft_available().then(|| nftables::list(ns)).transpose()?;
             let which: Vec<(Backend, Family)> = iptables.iter().map(|b| (*b, Family::V4)).collect();
             let saves = netfilter::save_all(&which, ns);
-            if let Some(run) = nft {
-                let listing = nftables::listed(run.wait())?;
+            if let Some(reading) = nft {
+                let listing = reading.finish()?;
                 if iptables.is_empty() || listing.is_some() {
                     return Ok((EngineKind::Nftables, Kept::Listing(listing), None));
                 }
@@ -352,22 +348,15 @@ pub fn settle(cfg: &CaptureConfig) -> CaptureConfig {
 pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
     let cfg = &settle(cfg);
     let mut target = Target::resolve(cfg)?;
+    if !dry_run {
+        target.engine.prestart();
+    }
     let plan = plan::build(cfg, target.ipv6);
     let families = target.families();
-    // The ::6 address goes on while the current rules are read.
-    let address = (target.ipv6 && !dry_run)
-        .then(|| add_inbound_source_v6(target.ns()))
-        .transpose()?;
-    let old_marks = target.engine.installed_marks();
-    if let Some(running) = address {
-        running.wait().map_err(|e| match e {
-            NetfilterError::ToolFailed { stderr, .. } => NetfilterError::InboundSource {
-                reason: stderr.trim().trim_end_matches('.').to_string(),
-            },
-            other => other,
-        })?;
+    if target.ipv6 && !dry_run {
+        add_inbound_source_v6(target.ns())?;
     }
-    let mut old_marks = old_marks?;
+    let mut old_marks = target.engine.installed_marks()?;
     let migrate_from = target.alone(cfg.migrate)?;
     let mut report = ApplyReport {
         backend: target.engine.kind(),
@@ -440,14 +429,13 @@ pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::E
 
 /// The proxy reaches the app from ::6 (SPEC §3 item 5); the kernel only lets it bind an
 /// address that is configured, so put it on `lo`. `replace` makes this idempotent.
-fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<netfilter::Running, NetfilterError> {
-    let addr = format!("{INBOUND_SOURCE_V6}/128");
-    netfilter::spawn_tool(
-        "ip",
-        &["-6", "addr", "replace", &addr, "dev", "lo"],
-        None,
-        ns,
-    )
+fn add_inbound_source_v6(ns: Option<&Netns>) -> Result<(), NetfilterError> {
+    let addr = INBOUND_SOURCE_V6.parse().expect("a literal address");
+    crate::netlink::replace_address_v6(ns, "lo", addr, 128)?.map_err(|e| {
+        NetfilterError::InboundSource {
+            reason: e.to_string(),
+        }
+    })
 }
 
 #[derive(Debug, Serialize)]

@@ -102,7 +102,8 @@ macro_rules! raw_options {
         pub struct RawOptions {
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env, value_name = "VALUE", help_heading = "Capture options"
+                #[arg(long, env = $env, value_name = "VALUE", help_heading = "Capture options",
+                      allow_negative_numbers = true
                       $(, num_args = 0..=1, default_missing_value = raw_options!(@$flag))?)]
                 #[serde(default, deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
                 pub $field: Option<String>,
@@ -178,6 +179,10 @@ raw_options! {
     /// apply with an explicit --backend: move shunt's rules there from the engine that holds
     /// them (install here first, then remove there) instead of refusing [default: false]
     migrate: "SHUNT_MIGRATE", flag;
+    /// nftables engine: where shunt's base chains sit from iptables' own priority at each
+    /// hook, -49 to 49 but not 0; below 0 shunt's NAT binds first, above it another tool's
+    /// iptables NAT does [default: -10]
+    nft_priority_offset: "SHUNT_NFT_PRIORITY_OFFSET";
 }
 
 /// `--config FILE` plus the capture options: the argument group every command that takes
@@ -375,6 +380,8 @@ pub struct CaptureConfig {
     pub wait: std::time::Duration,
     /// apply: move shunt's rules from another engine instead of refusing.
     pub migrate: bool,
+    /// The nftables engine's base chain priorities, from iptables' own (see `Plan`).
+    pub nft_priority_offset: i32,
     /// Istio's rule order and quirks instead of shunt's; only `shunt istio-iptables` sets it
     /// (no flag, variable or key), so `shunt apply`'s plan never changes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -475,25 +482,52 @@ fn parse_port_set(option: &'static str, value: &str) -> Result<Set<PortRange>, C
     Ok(Set::List(out))
 }
 
+/// `ADDR/LEN`, or a bare address as a host route (as in Istio's and Kuma's flags). std's
+/// address parser is several times faster than ipnet's, which shows at 10,000 CIDRs.
+fn parse_net(s: &str) -> Option<IpNet> {
+    match s.split_once('/') {
+        Some((addr, len)) => {
+            if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            IpNet::new(addr.parse().ok()?, len.parse().ok()?).ok()
+        }
+        None => s.parse::<IpAddr>().ok().map(IpNet::from),
+    }
+}
+
+/// The nftables priority offset: within 49 of iptables' own, so that every base chain stays
+/// between the same neighbours (raw before conntrack at -200, mangle after it, nat before
+/// filter), and never 0, which would tie with iptables and leave the order to chance.
+fn parse_priority_offset(value: &str) -> Result<i32, ConfigError> {
+    match value.trim().parse::<i32>() {
+        Ok(n @ -49..=49) if n != 0 => Ok(n),
+        Ok(0) => Err(invalid(
+            "nft-priority-offset",
+            value,
+            "0 would tie with iptables' own chains, whose order against shunt's is then \
+             undefined; use -10 (before them) or 10 (after them)",
+        )),
+        _ => Err(invalid(
+            "nft-priority-offset",
+            value,
+            "expected a whole number from -49 to 49 (not 0)",
+        )),
+    }
+}
+
 fn parse_cidr_set(option: &'static str, value: &str) -> Result<Set<IpNet>, ConfigError> {
     if value.trim() == "*" {
         return Ok(Set::All);
     }
     let mut out = Vec::new();
     for item in items(option, value)? {
-        let net = match item.parse::<IpNet>() {
-            Ok(n) => n,
-            // A bare address is a host route, as in Istio's and Kuma's flags.
-            Err(_) => match item.parse::<IpAddr>() {
-                Ok(a) => IpNet::from(a),
-                Err(_) => {
-                    return Err(invalid(
-                        option,
-                        value,
-                        format!("'{item}' is not an IPv4/IPv6 address or CIDR (e.g. 10.0.0.0/8)"),
-                    ))
-                }
-            },
+        let Some(net) = parse_net(item) else {
+            return Err(invalid(
+                option,
+                value,
+                format!("'{item}' is not an IPv4/IPv6 address or CIDR (e.g. 10.0.0.0/8)"),
+            ));
         };
         // iptables stores the network address; keeping it so makes `check` compare equal.
         out.push(net.trunc());
@@ -743,8 +777,18 @@ impl RawOptions {
                 crate::duration::positive(&v).map_err(|e| invalid("wait", &v, e.to_string()))?
             },
             migrate: parse_bool("migrate", &get(&self.migrate, "false"))?,
+            nft_priority_offset: parse_priority_offset(&get(&self.nft_priority_offset, "-10"))?,
             istio: None,
         };
+        if self.nft_priority_offset.is_some()
+            && matches!(cfg.backend, BackendChoice::Legacy | BackendChoice::Nft)
+        {
+            return Err(ConfigError::Conflict(format!(
+                "--nft-priority-offset is for --backend nftables; the iptables {} backend's \
+                 tables have fixed priorities",
+                get(&self.backend, "auto").trim()
+            )));
+        }
         cfg.check_combinations()?;
         Ok(cfg)
     }
@@ -903,6 +947,18 @@ mod tests {
             ),
             (vec![("wait", "0")], vec!["--wait", "zero"]),
             (vec![("wait", "soon")], vec!["--wait", "soon"]),
+            (
+                vec![("nft_priority_offset", "0")],
+                vec!["--nft-priority-offset", "tie"],
+            ),
+            (
+                vec![("nft_priority_offset", "50")],
+                vec!["--nft-priority-offset", "'50'", "-49 to 49"],
+            ),
+            (
+                vec![("backend", "nft"), ("nft_priority_offset", "10")],
+                vec!["--nft-priority-offset", "--backend nftables", "nft backend"],
+            ),
         ] {
             let msg = err(&pairs);
             for n in needles {

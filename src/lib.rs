@@ -13,6 +13,7 @@ pub mod explain;
 pub mod istio;
 pub mod logging;
 pub mod netfilter;
+pub mod netlink;
 pub mod netns;
 pub mod nftables;
 pub mod plan;

@@ -172,6 +172,42 @@ pub fn spawn_tool(
     input: Option<&str>,
     ns: Option<&Netns>,
 ) -> Result<Running, NetfilterError> {
+    spawn(tool, args, input.map(|t| Input::Now(t.to_string())), ns)
+}
+
+/// The input of a tool started before its input was ready ([`spawn_fed`]).
+pub struct Feed(std::sync::mpsc::Sender<String>);
+
+impl Feed {
+    /// Writes `text` to the tool's stdin and closes it. A `Feed` dropped unsent closes stdin
+    /// with nothing written: `nft -f -` then does nothing and exits 0.
+    pub fn send(self, text: String) {
+        let _ = self.0.send(text);
+    }
+}
+
+/// Starts a tool whose input comes later, so that its start (for nft: loading ten shared
+/// libraries) overlaps the caller's work instead of following it.
+pub fn spawn_fed(
+    tool: &str,
+    args: &[&str],
+    ns: Option<&Netns>,
+) -> Result<(Running, Feed), NetfilterError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn(tool, args, Some(Input::Later(rx)), ns).map(|run| (run, Feed(tx)))
+}
+
+enum Input {
+    Now(String),
+    Later(std::sync::mpsc::Receiver<String>),
+}
+
+fn spawn(
+    tool: &str,
+    args: &[&str],
+    input: Option<Input>,
+    ns: Option<&Netns>,
+) -> Result<Running, NetfilterError> {
     let path = find_tool(tool).ok_or_else(|| NetfilterError::MissingTool {
         tool: tool.to_string(),
     })?;
@@ -189,10 +225,13 @@ pub fn spawn_tool(
         source,
     })?;
     let stdin = match (input, child.stdin.take()) {
-        (Some(text), Some(mut pipe)) => {
-            let text = text.to_string();
+        (Some(input), Some(mut pipe)) => {
             // A write error (the tool died early) shows up as its exit status in `wait`.
             Some(std::thread::spawn(move || {
+                let text = match input {
+                    Input::Now(text) => text,
+                    Input::Later(rx) => rx.recv().unwrap_or_default(),
+                };
                 let _ = pipe.write_all(text.as_bytes());
             }))
         }
@@ -279,7 +318,7 @@ pub fn save_all(
 ) -> Result<Vec<rules::Saved>, NetfilterError> {
     let mut running = Vec::new();
     for (backend, family) in which {
-        running.push(match legacy_is_empty(*backend, *family, ns) {
+        running.push(match known_empty(*backend, *family, ns) {
             true => None,
             false => Some(spawn_tool(&backend.tool(*family, "save"), &[], None, ns)?),
         });
@@ -300,12 +339,20 @@ pub fn save_all(
         .collect()
 }
 
-/// Whether legacy iptables has no table at all in the namespace: the kernel lists the legacy
-/// tables a namespace has in /proc/net/ip{,6}_tables_names, and a save of none prints nothing,
-/// so the process is not started (most namespaces on an nft node have none).
-pub fn legacy_is_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
-    if backend != Backend::Legacy {
-        return false;
+/// Whether a save of `backend`'s `family` would print nothing, known without starting it
+/// (most namespaces have no table of one backend, and a fresh one has none at all).
+///
+/// Legacy: the kernel lists the legacy tables a namespace has in
+/// /proc/net/ip{,6}_tables_names. nft: iptables-nft's tables are nf_tables tables of family
+/// `ip` or `ip6`, and netlink lists those; any table of the family, whoever made it, means
+/// the save is run.
+pub fn known_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
+    if backend == Backend::Nft {
+        let want = match family {
+            Family::V4 => crate::netlink::IPV4,
+            Family::V6 => crate::netlink::IPV6,
+        };
+        return crate::netlink::tables(ns).is_some_and(|t| !t.iter().any(|t| t.family == want));
     }
     let file = match family {
         Family::V4 => "/proc/thread-self/net/ip_tables_names",

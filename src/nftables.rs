@@ -56,27 +56,77 @@ fn l3(f: Family) -> &'static str {
     }
 }
 
-/// The base chain standing for one iptables built-in chain: name, type, hook, priority (as
-/// nft prints it).
+/// The standard priorities nft names for the inet family (nft(8), CHAINS), which are
+/// iptables' own tables' priorities: raw -300, mangle -150, nat (dstnat) -100, filter 0.
+const NAMED_PRIORITIES: [(&str, i32); 6] = [
+    ("raw", -300),
+    ("mangle", -150),
+    ("dstnat", -100),
+    ("filter", 0),
+    ("security", 50),
+    ("srcnat", 100),
+];
+
+/// The base chain standing for one iptables built-in chain: name, type, hook, and priority:
+/// `offset` from the priority of the iptables table it stands for, spelled as nft lists it
+/// (`dstnat - 10`; nft has no name for nat at output, so that one is a number).
 fn base_chain(
     table: TableName,
     builtin: &str,
-) -> Option<(String, &'static str, &'static str, &'static str)> {
+    offset: i32,
+) -> Option<(String, &'static str, &'static str, String)> {
     let hook = match builtin {
         "PREROUTING" => "prerouting",
         "OUTPUT" => "output",
         _ => return None,
     };
-    let (kind, prio) = match (table, hook) {
-        (TableName::Raw, _) => ("filter", "raw - 10"),
+    let (kind, name) = match (table, hook) {
+        (TableName::Raw, _) => ("filter", Some("raw")),
         // mangle OUTPUT reroutes when a mark changes, as iptables' does (tproxy replies).
-        (TableName::Mangle, "output") => ("route", "mangle - 10"),
-        (TableName::Mangle, _) => ("filter", "mangle - 10"),
-        (TableName::Nat, "prerouting") => ("nat", "dstnat - 10"),
-        (TableName::Nat, _) => ("nat", "-110"),
-        (TableName::Filter, _) => ("filter", "filter - 10"),
+        (TableName::Mangle, "output") => ("route", Some("mangle")),
+        (TableName::Mangle, _) => ("filter", Some("mangle")),
+        (TableName::Nat, "prerouting") => ("nat", Some("dstnat")),
+        (TableName::Nat, _) => ("nat", None),
+        (TableName::Filter, _) => ("filter", Some("filter")),
+    };
+    let sign = if offset < 0 { '-' } else { '+' };
+    let prio = match name {
+        Some(name) => format!("{name} {sign} {}", offset.unsigned_abs()),
+        None => (-100 + offset).to_string(),
     };
     Some((format!("{}_{hook}", table.as_str()), kind, hook, prio))
+}
+
+/// A priority as nft lists it (`-110`, `dstnat - 10`, `mangle + 20`), as a number. nft spells
+/// one value either way depending on its version and the offset, so listings compare by it.
+fn priority_value(text: &str) -> Option<i32> {
+    if let Ok(n) = text.trim().parse() {
+        return Some(n);
+    }
+    let mut words = text.split_whitespace();
+    let base = words.next()?;
+    let (_, value) = NAMED_PRIORITIES.iter().find(|(n, _)| *n == base)?;
+    match (
+        words.next(),
+        words.next().map(str::parse::<i32>),
+        words.next(),
+    ) {
+        (None, None, None) => Some(*value),
+        (Some("+"), Some(Ok(n)), None) => Some(value + n),
+        (Some("-"), Some(Ok(n)), None) => Some(value - n),
+        _ => None,
+    }
+}
+
+/// A base chain's `type ... priority P; policy ...;` line with P as a number.
+fn numeric_priority(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("type ")?;
+    let (head, tail) = rest.split_once(" priority ")?;
+    let (prio, after) = tail.split_once(';')?;
+    Some(format!(
+        "type {head} priority {};{after}",
+        priority_value(prio)?
+    ))
 }
 
 /// The kind of list a rule's match can be merged into.
@@ -329,7 +379,13 @@ pub fn render(plan: &Plan) -> String {
     // (base chain, its header) in the order of first use, with the per-family dispatch rules.
     let mut bases: Vec<(String, String, Vec<String>)> = Vec::new();
     for rs in plan.families() {
-        family_chains(rs, &mut sets, &mut chains, &mut bases);
+        family_chains(
+            rs,
+            plan.nft_priority_offset,
+            &mut sets,
+            &mut chains,
+            &mut bases,
+        );
     }
     let mut out = format!("table inet {TABLE} {{\n");
     let mut blocks: Vec<String> = Vec::new();
@@ -368,6 +424,7 @@ pub fn render(plan: &Plan) -> String {
 
 fn family_chains(
     rs: &Ruleset,
+    priority_offset: i32,
     sets: &mut Vec<Set>,
     chains: &mut Vec<(String, Vec<String>)>,
     bases: &mut Vec<(String, String, Vec<String>)>,
@@ -424,7 +481,9 @@ fn family_chains(
             }
             chains.push((name.clone(), lines));
             if chain.builtin {
-                if let Some((base, kind, hook, prio)) = base_chain(table.name, &chain.name) {
+                if let Some((base, kind, hook, prio)) =
+                    base_chain(table.name, &chain.name, priority_offset)
+                {
                     let dispatch = format!("meta nfproto {} jump {name}", nfproto(f));
                     match bases.iter_mut().find(|(b, _, _)| *b == base) {
                         Some((_, _, rules)) => rules.push(dispatch),
@@ -443,17 +502,24 @@ fn family_chains(
 /// The transaction that replaces the whole table: the kernel holds the old table or the new
 /// one, never a mix, and nothing of an older plan survives.
 pub fn transaction(plan: &Plan) -> String {
-    format!(
-        "add table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-        render(plan)
-    )
+    transaction_of(&render(plan))
+}
+
+/// The transaction around a rendered table.
+fn transaction_of(table: &str) -> String {
+    format!("add table inet {TABLE}\ndelete table inet {TABLE}\n{table}")
 }
 
 /// A listing as comparable lines: nft wraps long element lists over several lines (after a
-/// comma); those are joined, indentation and blank lines dropped.
+/// comma); those are joined, indentation and blank lines dropped, and base chain priorities
+/// written as numbers.
 pub fn lines(text: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(base) = numeric_priority(l) {
+            out.push(base);
+            continue;
+        }
         match out.last_mut() {
             Some(prev) if prev.ends_with(',') => {
                 prev.push(' ');
@@ -488,27 +554,49 @@ pub fn preflight(ns: Option<&Netns>) -> Result<(), NetfilterError> {
     }
 }
 
-/// Starts `nft list table inet shunt`.
-pub fn list(ns: Option<&Netns>) -> Result<crate::netfilter::Running, NetfilterError> {
-    spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns)
+/// A read of shunt's table under way, or one the kernel already answered: a namespace whose
+/// nf_tables has no `inet shunt` (a fresh one, say) starts no `nft` at all.
+pub struct Reading(Option<crate::netfilter::Running>);
+
+/// Starts reading shunt's table (`nft list table inet shunt`).
+pub fn list(ns: Option<&Netns>) -> Result<Reading, NetfilterError> {
+    let absent = crate::netlink::tables(ns).is_some_and(|tables| {
+        !tables
+            .iter()
+            .any(|t| t.family == crate::netlink::INET && t.name == TABLE)
+    });
+    if absent {
+        return Ok(Reading(None));
+    }
+    spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns).map(|run| Reading(Some(run)))
 }
 
-/// The outcome of [`list`]: the table, or `None` when there is none.
-pub fn listed(out: Result<String, NetfilterError>) -> Result<Option<String>, NetfilterError> {
-    match out {
-        Ok(text) => Ok(Some(text)),
-        Err(NetfilterError::ToolFailed { stderr, .. })
-            if stderr.contains("No such file or directory") =>
-        {
-            Ok(None)
+impl Reading {
+    /// Whether the kernel has already said there is no table (nothing is being read).
+    fn absent(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The table as listed, or `None` when there is none.
+    pub fn finish(self) -> Result<Option<String>, NetfilterError> {
+        let Some(run) = self.0 else {
+            return Ok(None);
+        };
+        match run.wait() {
+            Ok(text) => Ok(Some(text)),
+            Err(NetfilterError::ToolFailed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
-        Err(e) => Err(e),
     }
 }
 
 /// shunt's table as installed, or `None` when there is none.
 pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
-    listed(list(ns)?.wait())
+    list(ns)?.finish()
 }
 
 /// Runs an `nft -f -` transaction.
@@ -539,9 +627,11 @@ pub fn marks(listing: &str) -> Vec<u32> {
 pub struct Nftables {
     ns: Option<Netns>,
     /// The read, started at once so it runs beside the caller's other work.
-    reading: Option<crate::netfilter::Running>,
+    reading: Option<Reading>,
     /// The listing read once per command: `Some(None)` when there is no table.
     listing: Option<Option<String>>,
+    /// `nft -f -`, started by [`Engine::prestart`] before the transaction was ready.
+    writer: Option<(crate::netfilter::Running, crate::netfilter::Feed)>,
 }
 
 impl Nftables {
@@ -560,12 +650,13 @@ impl Nftables {
             ns,
             reading,
             listing: known,
+            writer: None,
         })
     }
 
     fn installed(&mut self) -> Result<Option<String>, NetfilterError> {
-        if let Some(run) = self.reading.take() {
-            let read = listed(run.wait());
+        if let Some(reading) = self.reading.take() {
+            let read = reading.finish();
             self.listing = Some(read.map_err(|e| self.explain(e))?);
         }
         if self.listing.is_none() {
@@ -592,18 +683,40 @@ impl Engine for Nftables {
         Ok(self.installed()?.map(|t| marks(&t)).unwrap_or_default())
     }
 
+    fn prestart(&mut self) {
+        let absent = match (&self.reading, &self.listing) {
+            (Some(reading), _) => reading.absent(),
+            (None, Some(listing)) => listing.is_none(),
+            (None, None) => false,
+        };
+        // A transaction is certain when there is no table; a failure to start is left for
+        // `converge` to report.
+        if absent && self.writer.is_none() {
+            self.writer = crate::netfilter::spawn_fed("nft", &["-f", "-"], self.ns.as_ref()).ok();
+        }
+    }
+
     fn converge(
         &mut self,
         plan: &Plan,
         dry_run: bool,
     ) -> Result<Vec<(Part, String)>, NetfilterError> {
         let want = render(plan);
+        // Dropped unfed (a dry run, or nothing to do), the early writer does nothing.
+        let writer = self.writer.take();
         if self.installed()?.map(|t| lines(&t)) == Some(lines(&want)) {
             return Ok(Vec::new());
         }
-        let script = transaction(plan);
+        let script = transaction_of(&want);
         if !dry_run {
-            run(&script, self.ns.as_ref()).map_err(|e| self.explain(e))?;
+            let done = match writer {
+                Some((running, feed)) => {
+                    feed.send(script.clone());
+                    running.wait().map(drop)
+                }
+                None => run(&script, self.ns.as_ref()),
+            };
+            done.map_err(|e| self.explain(e))?;
             self.listing = None;
         }
         Ok(vec![(Part::Inet, script)])
@@ -645,6 +758,36 @@ mod tests {
 
     fn plan_of(pairs: RawOptions) -> Plan {
         plan::build(&pairs.resolve().unwrap(), true)
+    }
+
+    #[test]
+    fn every_priority_offset_is_spelled_so_that_it_reads_back_as_its_number() {
+        let bases = [
+            (TableName::Raw, "OUTPUT", -300),
+            (TableName::Mangle, "PREROUTING", -150),
+            (TableName::Mangle, "OUTPUT", -150),
+            (TableName::Nat, "PREROUTING", -100),
+            (TableName::Nat, "OUTPUT", -100),
+            (TableName::Filter, "OUTPUT", 0),
+        ];
+        for offset in (-49..=49).filter(|o| *o != 0) {
+            for (table, builtin, base) in bases {
+                let (_, _, _, prio) = base_chain(table, builtin, offset).expect("a base chain");
+                assert_eq!(priority_value(&prio), Some(base + offset), "{prio}");
+            }
+        }
+        // nft lists one priority either way; both compare as the same line.
+        assert_eq!(
+            lines("type filter hook output priority mangle + 20; policy accept;"),
+            lines("type filter hook output priority -130; policy accept;")
+        );
+        assert_eq!(
+            lines("\t\ttype nat hook prerouting priority dstnat - 10; policy accept;"),
+            vec!["type nat hook prerouting priority -110; policy accept;"]
+        );
+        // Anything else in a priority is left as written, so it shows as drift.
+        assert_eq!(priority_value("dstnat * 2"), None);
+        assert_eq!(priority_value("nosuch + 1"), None);
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub fn rule_args(rule: &Rule) -> Vec<String> {
         }
     }
     match &rule.target {
-        Target::Jump { chain } => out.extend(["-j".into(), chain.clone()]),
+        Target::Jump { chain } => out.extend(["-j".into(), chain.to_string()]),
         Target::Return => out.extend(["-j".into(), "RETURN".into()]),
         Target::Redirect { to_port } => out.extend([
             "-j".into(),

@@ -672,6 +672,37 @@ fn shunt_nftables_with_another_tools_iptables_nft_rules() {
     assert!(differential(&lab, "nftables + iptables-nft") >= 300);
 }
 
+/// The same, with shunt's table moved after iptables' (`--nft-priority-offset 10`): now the
+/// other tool's iptables-nft redirect binds first where it matches, and explain must follow
+/// the priorities the kernel uses, not a fixed order.
+#[test]
+fn shunt_nftables_after_another_tools_iptables_nft_rules() {
+    require_netns!();
+    if !nft_present() {
+        return;
+    }
+    let lab = Lab::new();
+    shunt_ok(
+        &lab.t.pod,
+        &[
+            "apply",
+            "--backend",
+            "nftables",
+            "--ipv6",
+            "on",
+            "--nft-priority-offset",
+            "10",
+        ],
+    );
+    restore(
+        &lab.t.pod,
+        "iptables-nft-restore",
+        include_str!("fixtures/explain/legacy-extra.v4.rules"),
+    );
+    assert_reads_native(&lab, "inet shunt");
+    assert!(differential(&lab, "iptables-nft + nftables at +10") >= 300);
+}
+
 /// Tables in the shapes Istio's nftables mode writes (`inet istio-proxy-nat`, `-raw`).
 #[test]
 fn istio_nftables_style_tables() {

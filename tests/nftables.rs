@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 
@@ -465,4 +466,157 @@ fn auto_picks_nftables_on_a_node_without_iptables() {
     assert!(ns
         .must(&["nft", "list", "table", "inet", "shunt"])
         .contains("v4_nat_OUTPUT"));
+}
+
+/// A PATH directory whose `nft`, `ip` and iptables tools log their arguments to `log` and
+/// then run the real ones.
+fn logging_tools(tag: &str) -> (tempdir::Dir, std::path::PathBuf) {
+    let dir = tempdir::Dir::new(tag);
+    let log = std::env::temp_dir().join(format!("shunt-{tag}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    for tool in [
+        "nft",
+        "ip",
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-nft-restore",
+        "ip6tables-nft-restore",
+        "iptables-legacy-save",
+    ] {
+        dir.write_exec(
+            tool,
+            &format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> {}\nexec /usr/sbin/{tool} \"$@\"\n",
+                log.display()
+            ),
+        );
+    }
+    (dir, log)
+}
+
+fn take_log(log: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let _ = std::fs::remove_file(log);
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn a_fresh_namespace_is_read_through_netlink_and_a_second_apply_still_reads_the_tools() {
+    require_nft!();
+    // nftables engine: the kernel says there is no table, so the only tool is the
+    // transaction; ::6 goes on lo without `ip`.
+    let ns = Ns::new("nft-fresh");
+    let (dir, log) = logging_tools("nftfresh");
+    let args = ["apply", "--backend", "nftables", "--ipv6", "on"];
+    ok(&dir.shunt(&ns, &args));
+    assert_eq!(take_log(&log), vec!["nft -f -"]);
+    assert!(ns
+        .must(&["ip", "-6", "addr", "show", "dev", "lo"])
+        .contains("::6/128"));
+    // With the table there, it is listed, found equal, and nothing is written.
+    ok(&dir.shunt(&ns, &args));
+    assert_eq!(take_log(&log), vec!["nft list table inet shunt"]);
+    // Another tool's iptables-nft table is seen, so the look for shunt's rules there runs.
+    ns.must(&[
+        "iptables-nft",
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "udp",
+        "-j",
+        "ACCEPT",
+    ]);
+    ok(&dir.shunt(&ns, &args));
+    let mut started = take_log(&log);
+    started.sort();
+    assert_eq!(
+        started,
+        vec!["iptables-nft-save ", "nft list table inet shunt"]
+    );
+
+    // iptables-nft: a fresh namespace starts the two restores and nothing else.
+    let ns = Ns::new("ipt-fresh");
+    let args = ["apply", "--backend", "nft", "--ipv6", "on"];
+    ok(&dir.shunt(&ns, &args));
+    let mut started = take_log(&log);
+    started.sort();
+    assert_eq!(
+        started,
+        vec![
+            "ip6tables-nft-restore --noflush -w 10",
+            "iptables-nft-restore --noflush -w 10"
+        ]
+    );
+    // Its rules are there now: the second apply reads both families and writes nothing.
+    ok(&dir.shunt(&ns, &args));
+    let mut started = take_log(&log);
+    started.sort();
+    assert!(
+        started.iter().any(|l| l.starts_with("iptables-nft-save"))
+            && started.iter().any(|l| l.starts_with("ip6tables-nft-save"))
+            && !started.iter().any(|l| l.contains("restore")),
+        "{started:?}"
+    );
+}
+
+#[test]
+fn the_priority_offset_decides_whose_nat_binds_first_against_another_tools_iptables_rule() {
+    require_nft!();
+    // Another tool's iptables-nft nat OUTPUT rule sends port 9999 to 7777; shunt's table
+    // sends it to the proxy (15001). The kernel keeps the first NAT binding a connection gets,
+    // so the base chain priority decides: -10 (the default) before iptables' nat, 10 after.
+    for (offset, shunt_first) in [(None, true), (Some("10"), false), (Some("-10"), true)] {
+        let t = Topology::new();
+        t.pod.must(&[
+            "iptables-nft",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9999",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "7777",
+        ]);
+        let mut args = vec!["apply", "--backend", "nftables", "--ipv6", "off"];
+        if let Some(o) = offset {
+            args.extend(["--nft-priority-offset", o]);
+        }
+        ok(&t.pod.shunt(&args));
+        let proxy = t.pod.listen("0.0.0.0:15001");
+        let other = t.pod.listen("0.0.0.0:7777");
+        let _app = t.pod.connect_as(1000, 1000, &hp(REMOTE_V4, 9999)).unwrap();
+        let (first, second) = if shunt_first {
+            (&proxy, &other)
+        } else {
+            (&other, &proxy)
+        };
+        let (s, _) = accept_within(first, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("offset {offset:?}: the expected listener got nothing"));
+        assert_eq!(original_dst(&s), hp(REMOTE_V4, 9999).parse().unwrap());
+        assert!(
+            accept_within(second, Duration::from_millis(200)).is_none(),
+            "offset {offset:?}: both listeners got a connection"
+        );
+        // check compares the priorities too: the other offset is drift.
+        let other_offset = if shunt_first { "10" } else { "-10" };
+        let out = t.pod.shunt(&[
+            "check",
+            "--backend",
+            "nftables",
+            "--ipv6",
+            "off",
+            "--nft-priority-offset",
+            other_offset,
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("priority"));
+    }
 }

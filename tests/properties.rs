@@ -476,7 +476,11 @@ fn capture_config() -> impl Strategy<Value = (CaptureConfig, bool)> {
         any::<bool>(),
         prop::option::of(vec(ip(), 0..4)),
     );
-    let flags = (any::<bool>(), any::<bool>());
+    let flags = (
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of((-49i32..=49).prop_filter("0 is refused", |n| *n != 0)),
+    );
     (ports, sets, owners, modes, ifaces, dns, flags).prop_filter_map(
         "options that resolve",
         |(ports, sets, owners, modes, ifaces, dns, flags)| {
@@ -486,7 +490,7 @@ fn capture_config() -> impl Strategy<Value = (CaptureConfig, bool)> {
             let (tproxy, mark, table) = modes;
             let (exclude, mut virt) = ifaces;
             let (redirect_dns, capture_all, servers) = dns;
-            let (drop_invalid, ipv6) = flags;
+            let (drop_invalid, ipv6, priority) = flags;
             // Combinations resolve refuses, made valid rather than thrown away.
             if uids.is_empty() && gids.is_empty() {
                 uids.push("1337".into());
@@ -532,6 +536,7 @@ fn capture_config() -> impl Strategy<Value = (CaptureConfig, bool)> {
                 netns: None,
                 wait: None,
                 migrate: None,
+                nft_priority_offset: priority.map(|n| n.to_string()),
             };
             // What is still refused (a proxy port listed, two ports equal) is rare.
             raw.resolve().ok().map(|cfg| (cfg, ipv6))
