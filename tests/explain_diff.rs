@@ -649,58 +649,45 @@ fn shunt_rules_with_exclusions_nftables() {
     assert!(differential(&lab, "shunt exclusions (nftables)") >= 300);
 }
 
-/// shunt's nft table and another tool's iptables-nft rules in one namespace: shunt's nat
-/// chain (priority -110) binds before iptables' nat (-100), whose redirect applies where
-/// shunt lets the connection pass; iptables' filter sees the destination after both.
-#[test]
-fn shunt_nftables_with_another_tools_iptables_nft_rules() {
+/// shunt's nft table (applied with `extra` flags) and another tool's iptables-nft rules in one
+/// namespace, probed against explain.
+fn nftables_beside_iptables_nft(extra: &[&str], label: &str) {
     require_netns!();
     if !nft_present() {
         return;
     }
     let lab = Lab::new();
-    shunt_ok(
-        &lab.t.pod,
-        &["apply", "--backend", "nftables", "--ipv6", "on"],
-    );
+    let args = [
+        &["apply", "--backend", "nftables", "--ipv6", "on"][..],
+        extra,
+    ]
+    .concat();
+    shunt_ok(&lab.t.pod, &args);
     restore(
         &lab.t.pod,
         "iptables-nft-restore",
         include_str!("fixtures/explain/legacy-extra.v4.rules"),
     );
     assert_reads_native(&lab, "inet shunt");
-    assert!(differential(&lab, "nftables + iptables-nft") >= 300);
+    assert!(differential(&lab, label) >= 300);
 }
 
-/// The same, with shunt's table moved after iptables' (`--nft-priority-offset 10`): now the
-/// other tool's iptables-nft redirect binds first where it matches, and explain must follow
-/// the priorities the kernel uses, not a fixed order.
+/// shunt's nat chain (priority -110) binds before iptables' nat (-100), whose redirect applies
+/// where shunt lets the connection pass; iptables' filter sees the destination after both.
+#[test]
+fn shunt_nftables_with_another_tools_iptables_nft_rules() {
+    nftables_beside_iptables_nft(&[], "nftables + iptables-nft");
+}
+
+/// The same with shunt's table moved after iptables' (`--nft-priority-offset 10`): now the
+/// other tool's redirect binds first where it matches, and explain must follow the
+/// priorities the kernel uses, not a fixed order.
 #[test]
 fn shunt_nftables_after_another_tools_iptables_nft_rules() {
-    require_netns!();
-    if !nft_present() {
-        return;
-    }
-    let lab = Lab::new();
-    shunt_ok(
-        &lab.t.pod,
-        &[
-            "apply",
-            "--backend",
-            "nftables",
-            "--ipv6",
-            "on",
-            "--nft-priority-offset",
-            "10",
-        ],
+    nftables_beside_iptables_nft(
+        &["--nft-priority-offset", "10"],
+        "iptables-nft + nftables at +10",
     );
-    restore(
-        &lab.t.pod,
-        "iptables-nft-restore",
-        include_str!("fixtures/explain/legacy-extra.v4.rules"),
-    );
-    assert_reads_native(&lab, "inet shunt");
-    assert!(differential(&lab, "iptables-nft + nftables at +10") >= 300);
 }
 
 /// Tables in the shapes Istio's nftables mode writes (`inet istio-proxy-nat`, `-raw`).
