@@ -68,8 +68,9 @@ const NAMED_PRIORITIES: [(&str, i32); 6] = [
 ];
 
 /// The base chain standing for one iptables built-in chain: name, type, hook, and priority:
-/// `offset` from the priority of the iptables table it stands for, spelled as nft lists it
-/// (`dstnat - 10`; nft has no name for nat at output, so that one is a number).
+/// `offset` from the priority of the iptables table it stands for, by name where nft has one
+/// (`dstnat - 10`; none for nat at output, so that one is a number). nft lists a name only
+/// within 10 of it, so read back compares numbers ([`lines`]).
 fn base_chain(
     table: TableName,
     builtin: &str,
