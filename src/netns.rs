@@ -100,6 +100,22 @@ impl Netns {
         })
     }
 
+    /// A new, empty network namespace that lives as long as the handle (nothing names it):
+    /// a place to ask a tool what it would make of something without touching a real one.
+    /// Needs CAP_SYS_ADMIN, as entering one does.
+    pub fn scratch() -> std::io::Result<Netns> {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+            let file = File::open("/proc/thread-self/ns/net")?;
+            Ok(Netns {
+                path: PathBuf::from("(a scratch namespace)"),
+                file: Arc::new(file),
+            })
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -532,6 +532,19 @@ pub fn lines(text: &str) -> Vec<String> {
     out
 }
 
+/// How the `nft` installed here lists a rendered table, found by installing it in a scratch
+/// namespace and listing it back. shunt writes nft 1.0.6's spelling; another version may
+/// spell an expression otherwise, and without this every apply would rewrite the table and
+/// `check` would report drift that is not there. Asked only when the lines differ; `None`
+/// when it cannot be (no CAP_SYS_ADMIN for a namespace: the lines are compared as they are).
+fn as_listed(table: &str) -> Option<String> {
+    let scratch = Netns::scratch()
+        .map_err(|e| tracing::debug!("no scratch namespace to compare spellings in: {e}"))
+        .ok()?;
+    run(&transaction_of(table), Some(&scratch)).ok()?;
+    read(Some(&scratch)).ok().flatten()
+}
+
 /// `nft --version` at least [`MIN_VERSION`], else a clear refusal.
 pub fn preflight(ns: Option<&Netns>) -> Result<(), NetfilterError> {
     let out = spawn_tool("nft", &["--version"], None, ns)?.wait()?;
@@ -705,8 +718,11 @@ impl Engine for Nftables {
         let want = render(plan);
         // Dropped unfed (a dry run, or nothing to do), the early writer does nothing.
         let writer = self.writer.take();
-        if self.installed()?.map(|t| lines(&t)) == Some(lines(&want)) {
-            return Ok(Vec::new());
+        if let Some(now) = self.installed()? {
+            let now = lines(&now);
+            if now == lines(&want) || as_listed(&want).is_some_and(|l| lines(&l) == now) {
+                return Ok(Vec::new());
+            }
         }
         let script = transaction_of(&want);
         if !dry_run {
@@ -724,8 +740,16 @@ impl Engine for Nftables {
     }
 
     fn drift(&mut self, plan: &Plan) -> Result<Vec<(Part, Vec<String>)>, NetfilterError> {
-        let now = self.installed()?.map(|t| lines(&t)).unwrap_or_default();
-        let d = crate::engine::diff(&now, &lines(&render(plan)));
+        let want = render(plan);
+        let installed = self.installed()?;
+        let now = installed.as_deref().map(lines).unwrap_or_default();
+        let mut d = crate::engine::diff(&now, &lines(&want));
+        if !d.is_empty() && installed.is_some() {
+            // Another nft may spell the same table otherwise: compare with its own spelling.
+            if let Some(spelled) = as_listed(&want) {
+                d = crate::engine::diff(&now, &lines(&spelled));
+            }
+        }
         Ok(if d.is_empty() {
             vec![]
         } else {

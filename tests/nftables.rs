@@ -620,3 +620,61 @@ fn the_priority_offset_decides_whose_nat_binds_first_against_another_tools_iptab
         assert!(String::from_utf8_lossy(&out.stdout).contains("priority"));
     }
 }
+
+#[test]
+fn an_nft_that_spells_the_table_otherwise_still_reads_back_in_sync() {
+    require_nft!();
+    // A stand-in for another nft version: it lists `meta l4proto tcp` as `meta l4proto 6`,
+    // so its listing never equals shunt's rendering line for line.
+    let dir = tempdir::Dir::new("nftspell");
+    dir.write_exec(
+        "nft",
+        "#!/bin/sh\nif [ \"$1\" = list ]; then\n  out=$(/usr/sbin/nft \"$@\") || exit $?\n  \
+         printf '%s\\n' \"$out\" | sed 's/meta l4proto tcp/meta l4proto 6/g'\n  exit 0\nfi\n\
+         exec /usr/sbin/nft \"$@\"\n",
+    );
+    let ns = Ns::new("nft-spell");
+    let args = [
+        "apply",
+        "--backend",
+        "nftables",
+        "--ipv6",
+        "on",
+        "--json",
+        "--exclude-outbound-cidrs",
+        "10.1.0.0/16,10.2.0.0/16",
+    ];
+    let first = dir.shunt(&ns, &args);
+    ok(&first);
+    assert_eq!(changes(&first), 1);
+    let installed = ruleset(&ns);
+    // The second apply finds the table as this nft spells it and writes nothing.
+    let second = dir.shunt(&ns, &args);
+    ok(&second);
+    assert_eq!(changes(&second), 0, "{}", stderr(&second));
+    assert_eq!(ruleset(&ns), installed);
+    let check = [
+        "check",
+        "--backend",
+        "nftables",
+        "--ipv6",
+        "on",
+        "--exclude-outbound-cidrs",
+        "10.1.0.0/16,10.2.0.0/16",
+    ];
+    ok(&dir.shunt(&ns, &check));
+    // Real drift is still drift, and shown in this nft's spelling.
+    let table = nft(&ns, &["list", "table", "inet", "shunt"]);
+    let set = table
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
+        .expect("a set")
+        .to_string();
+    nft(
+        &ns,
+        &["add", "element", "inet", "shunt", &set, "{ 10.9.0.0/16 }"],
+    );
+    let out = dir.shunt(&ns, &check);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.9.0.0/16"));
+}
