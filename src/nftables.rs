@@ -500,6 +500,15 @@ fn family_chains(
     }
 }
 
+/// The names of the chains `render` writes for the plan, base chains included.
+pub fn chain_names(plan: &Plan) -> Vec<String> {
+    render(plan)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The transaction that replaces the whole table: the kernel holds the old table or the new
 /// one, never a mix, and nothing of an older plan survives.
 pub fn transaction(plan: &Plan) -> String {

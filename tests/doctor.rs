@@ -180,6 +180,45 @@ fn with_shunt_in_both_backends_doctor_inspects_the_one_apply_writes() {
 }
 
 #[test]
+fn a_healthy_pod_on_the_nftables_engine_is_all_ok_and_a_missing_chain_fails() {
+    require_netns!();
+    let t = Topology::new();
+    apply(&t.pod, &["--backend", "nftables"]);
+    let _proxy = proxy_ports(&t.pod, &[15001, 15006]);
+    let (out, text) = doctor(&t.pod, &[]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for l in text.lines().filter(|l| !l.starts_with("     ")) {
+        assert!(l.starts_with("ok "), "not ok: {l}\n{text}");
+    }
+    assert!(line(&text, "engine").contains("nftables engine"), "{text}");
+    assert!(
+        line(&text, "chains-v6").contains("table inet shunt"),
+        "{text}"
+    );
+    assert!(
+        line(&text, "explain").contains("redirected to :15001"),
+        "{text}"
+    );
+    // A chain removed by hand: named, and the exit code says so.
+    for cmd in [
+        "flush chain inet shunt v6_nat_SHUNT_OUTBOUND",
+        "delete chain inet shunt v6_nat_SHUNT_REDIRECT",
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(cmd.split(' '));
+        t.pod.must(&args);
+    }
+    let (out, text) = doctor(&t.pod, &[]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let l = line(&text, "chains-v6");
+    assert!(
+        l.starts_with("FAIL") && l.contains("v6_nat_SHUNT_REDIRECT"),
+        "{text}"
+    );
+    assert!(line(&text, "chains-v4").starts_with("ok"), "{text}");
+}
+
+#[test]
 fn doctor_names_the_nftables_engine_and_warns_when_two_engines_hold_rules() {
     require_netns!();
     let ns = Ns::new("doc-engines");
@@ -187,7 +226,7 @@ fn doctor_names_the_nftables_engine_and_warns_when_two_engines_hold_rules() {
     let (_, text) = doctor(&ns, &["--ipv6", "off"]);
     let l = line(&text, "engine");
     assert!(
-        l.starts_with("warn") && l.contains("nftables engine"),
+        l.starts_with("ok") && l.contains("nftables engine"),
         "{text}"
     );
     // The explain check walks the nftables table.

@@ -245,19 +245,24 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         Some(_) => super::native_tables(Family::V4, ns).unwrap_or_default(),
         None => Vec::new(),
     };
-    let nft_table = native
+    let shunt_table = format!("inet {}", crate::nftables::TABLE);
+    let nft_chains: BTreeSet<String> = native
         .iter()
-        .any(|t| t.name == format!("inet {}", crate::nftables::TABLE));
+        .filter(|t| t.name == shunt_table)
+        .flat_map(|t| t.chains.keys().cloned())
+        .collect();
+    let nft_table = native.iter().any(|t| t.name == shunt_table);
+    // shunt's rules are the nftables engine's (or are asked for there): the chain, counter
+    // and IPv6 checks below read its table instead of the iptables saves.
+    let nft_engine = with_shunt.is_empty()
+        && (nft_table || cfg.backend == crate::config::BackendChoice::Nftables);
     if nft_table {
         checks.push(if with_shunt.is_empty() {
             check(
                 "engine",
-                Status::Warn,
-                "shunt's rules are in the nftables engine (table inet shunt); the chain and \
-                 counter checks below read the iptables engines only (the explain check walks \
-                 the nftables table too)",
+                Status::Ok,
+                "shunt's rules are in the nftables engine (table inet shunt)",
             )
-            .hint("`shunt check --backend nftables` compares the table with the plan")
         } else {
             check(
                 "engine",
@@ -272,6 +277,20 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         });
     }
     checks.push(match holding.len() {
+        _ if nft_engine => check(
+            "backend",
+            Status::Ok,
+            if holding.is_empty() {
+                "no iptables rules in either backend: only shunt's nftables table captures"
+                    .to_string()
+            } else {
+                format!(
+                    "iptables ({}) holds another tool's rules; they run beside shunt's table, in \
+                     hook-priority order (the explain check walks both)",
+                    holding.iter().copied().collect::<Vec<_>>().join(" and ")
+                )
+            },
+        ),
         0 => check(
             "backend",
             Status::Fail,
@@ -312,7 +331,10 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             .map(|(_, _, s)| netfilter::views(s))
             .unwrap_or_else(|| netfilter::planned_views(None))
     };
-    for rs in plan.families() {
+    if nft_engine {
+        checks.extend(nft_chain_checks(&plan, &nft_chains));
+    }
+    for rs in plan.families().filter(|_| !nft_engine) {
         let have = installed(rs.family);
         let want = netfilter::planned_views(Some(rs));
         let mut missing = Vec::new();
@@ -391,7 +413,7 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
     // 3. Packet counters of shunt's jumps and NAT rules (nat counts a connection's first
     // packet only, so these are connection counts).
     let mut counts = Vec::new();
-    for f in plan.families().map(|r| r.family) {
+    for f in plan.families().map(|r| r.family).filter(|_| !nft_engine) {
         let Some(text) = save_with_counters(backend, f, ns) else {
             continue;
         };
@@ -420,7 +442,14 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
             counts.push(format!("{}: {}", f.name(), items.join(", ")));
         }
     }
-    checks.push(if counts.is_empty() {
+    checks.push(if nft_engine {
+        check(
+            "counters",
+            Status::Ok,
+            "not counted: shunt's nftables table has no counter statements (each costs a \
+             write per packet); `nft monitor trace` follows a packet instead",
+        )
+    } else if counts.is_empty() {
         check(
             "counters",
             Status::Warn,
@@ -604,9 +633,13 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
 
     // 6. IPv6 enabled without IPv6 rules lets IPv6 traffic bypass the proxy.
     let v6_on = capture::ipv6_kernel_enabled(ns)?;
-    let v6_rules = saves
-        .iter()
-        .any(|(b, f, s)| *b == backend && *f == Family::V6 && holds_shunt(s));
+    let v6_rules = if nft_engine {
+        nft_chains.iter().any(|c| c.starts_with("v6_"))
+    } else {
+        saves
+            .iter()
+            .any(|(b, f, s)| *b == backend && *f == Family::V6 && holds_shunt(s))
+    };
     let v6_addrs: Vec<String> = host
         .addrs
         .iter()
@@ -689,6 +722,56 @@ pub fn doctor(cfg: &CaptureConfig) -> Result<Vec<Check>, crate::Error> {
         }
     }
     Ok(checks)
+}
+
+/// The chain checks on the nftables engine: every chain the plan renders is in the table.
+fn nft_chain_checks(plan: &crate::plan::Plan, installed: &BTreeSet<String>) -> Vec<Check> {
+    let planned = crate::nftables::chain_names(plan);
+    plan.families()
+        .map(|rs| {
+            let (name, prefix) = match rs.family {
+                Family::V4 => ("chains-v4", "v4_"),
+                Family::V6 => ("chains-v6", "v6_"),
+            };
+            // The base chains serve both families; they are counted with IPv4.
+            let mine: Vec<&String> = planned
+                .iter()
+                .filter(|c| {
+                    c.starts_with(prefix)
+                        || (rs.family == Family::V4
+                            && !c.starts_with("v4_")
+                            && !c.starts_with("v6_"))
+                })
+                .collect();
+            let missing: Vec<&str> = mine
+                .iter()
+                .filter(|c| !installed.contains(c.as_str()))
+                .map(|c| c.as_str())
+                .collect();
+            if missing.is_empty() {
+                check(
+                    name,
+                    Status::Ok,
+                    format!(
+                        "{}: shunt's {} chains are present (nftables engine, table inet shunt)",
+                        rs.family.name(),
+                        mine.len()
+                    ),
+                )
+            } else {
+                check(
+                    name,
+                    Status::Fail,
+                    format!(
+                        "{}: table inet shunt lacks chain {}",
+                        rs.family.name(),
+                        missing.join(", chain ")
+                    ),
+                )
+                .hint("run `shunt apply --backend nftables` with the pod's capture options")
+            }
+        })
+        .collect()
 }
 
 pub fn text(checks: &[Check]) -> String {
