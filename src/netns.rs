@@ -199,18 +199,31 @@ pub fn lock(netns: Option<&Netns>, timeout: Duration) -> Result<Lock, NetnsError
     }
 }
 
-/// A command that runs in `netns` (or the current namespace for `None`).
+/// A command that runs in `netns` (or the current namespace for `None`), and that dies with
+/// shunt: a restore or `nft -f` left running by a killed apply would otherwise go on to
+/// change the rules after the namespace's lock is gone, under the next shunt's feet.
+/// (`PR_SET_PDEATHSIG` follows the thread that starts the child; shunt starts its tools from
+/// the thread that waits for them.)
 pub fn command(program: &str, netns: Option<&Netns>) -> Command {
     let mut cmd = Command::new(program);
-    if let Some(ns) = netns {
-        let file = ns.file.clone();
-        // SAFETY: between fork and exec only async-signal-safe calls are allowed; setns is a
-        // plain syscall and the closure allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-            });
-        }
+    let file = netns.map(|ns| ns.file.clone());
+    let parent = std::process::id() as nix::libc::pid_t;
+    // SAFETY: between fork and exec only async-signal-safe calls are allowed; prctl, getppid
+    // and setns are plain syscalls and the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // shunt died between fork and prctl: the signal will never come.
+            if nix::libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            match &file {
+                Some(f) => setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from),
+                None => Ok(()),
+            }
+        });
     }
     cmd
 }

@@ -293,14 +293,34 @@ fn a_killed_apply_is_named_by_check_and_repaired_by_the_next_apply() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(ns.iptables_save("legacy", false).contains("SHUNT_DNS") && pidfile.exists()) {
+    // IPv4's restore has finished when its last table (nat) is in: the kill must not cut it.
+    let v4_done = || {
+        let save = ns.iptables_save("legacy", false);
+        save.contains("SHUNT_DNS") && save.contains("-A OUTPUT -p tcp -j SHUNT_OUTPUT")
+    };
+    while !(v4_done() && pidfile.exists()) {
         assert!(Instant::now() < deadline, "IPv4 never got applied");
         std::thread::sleep(Duration::from_millis(10));
     }
     apply.kill().unwrap();
     let _ = apply.wait();
-    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
-        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+    // The stalled restore dies with shunt: left running, it could commit after the lock is
+    // gone, under the next shunt's feet.
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gone() {
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            panic!("the restore outlived the killed apply");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     let check = |want: i32| {
         let out = ns.shunt(&[&["check"][..], &opts[..], &opts_dns[..]].concat());
