@@ -317,8 +317,18 @@ pub fn save_all(
     ns: Option<&Netns>,
 ) -> Result<Vec<rules::Saved>, NetfilterError> {
     let mut running = Vec::new();
+    // One netlink dump answers for every nft part asked.
+    let tables = which
+        .iter()
+        .any(|(b, _)| *b == Backend::Nft)
+        .then(|| crate::netlink::tables(ns))
+        .flatten();
     for (backend, family) in which {
-        running.push(match known_empty(*backend, *family, ns) {
+        let empty = match backend {
+            Backend::Nft => nft_family_empty(tables.as_deref(), *family),
+            Backend::Legacy => known_empty(*backend, *family, ns),
+        };
+        running.push(match empty {
             true => None,
             false => Some(spawn_tool(&backend.tool(*family, "save"), &[], None, ns)?),
         });
@@ -348,11 +358,7 @@ pub fn save_all(
 /// the save is run.
 pub fn known_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
     if backend == Backend::Nft {
-        let want = match family {
-            Family::V4 => crate::netlink::IPV4,
-            Family::V6 => crate::netlink::IPV6,
-        };
-        return crate::netlink::tables(ns).is_some_and(|t| !t.iter().any(|t| t.family == want));
+        return nft_family_empty(crate::netlink::tables(ns).as_deref(), family);
     }
     let file = match family {
         Family::V4 => "/proc/thread-self/net/ip_tables_names",
@@ -365,6 +371,15 @@ pub fn known_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     })
     .unwrap_or(false)
+}
+
+/// Whether the nf_tables tables listed (`None`: unknown) hold none of `family`'s.
+fn nft_family_empty(tables: Option<&[crate::netlink::Table]>, family: Family) -> bool {
+    let want = match family {
+        Family::V4 => crate::netlink::IPV4,
+        Family::V6 => crate::netlink::IPV6,
+    };
+    tables.is_some_and(|t| !t.iter().any(|t| t.family == want))
 }
 
 /// shunt's part of every table, from a save.
