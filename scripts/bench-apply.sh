@@ -31,7 +31,7 @@ split_rules() { # $1 = extra shunt flags
 }
 
 # A deleted namespace is torn down by a kernel worker after `ip netns del` returns; the pause
-# keeps that work off the CPU while the next run is timed (2 cores: it showed as noise).
+# gives that work time to finish before the next run is timed (on 2 cores it would compete).
 fresh_ns() { ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; sleep 0.05; }
 
 bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
