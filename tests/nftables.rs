@@ -38,6 +38,15 @@ fn nft(ns: &Ns, args: &[&str]) -> String {
     ns.must(&full)
 }
 
+/// The name of the first named set in shunt's table.
+fn first_set(ns: &Ns) -> String {
+    nft(ns, &["list", "table", "inet", "shunt"])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
+        .expect("a set")
+        .to_string()
+}
+
 fn apply(ns: &Ns, opts: &[&str]) -> Output {
     ns.shunt(&[&["apply", "--backend", "nftables", "--json"][..], opts].concat())
 }
@@ -151,12 +160,7 @@ fn check_names_an_element_added_and_a_rule_deleted_by_hand() {
     ok(&apply(&ns, &opts));
     let check = || ns.shunt(&[&["check", "--backend", "nftables"][..], &opts].concat());
     ok(&check());
-    let table = nft(&ns, &["list", "table", "inet", "shunt"]);
-    let set = table
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
-        .expect("a set")
-        .to_string();
+    let set = first_set(&ns);
     nft(
         &ns,
         &["add", "element", "inet", "shunt", &set, "{ 10.3.0.0/16 }"],
@@ -664,12 +668,7 @@ fn an_nft_that_spells_the_table_otherwise_still_reads_back_in_sync() {
     ];
     ok(&dir.shunt(&ns, &check));
     // Real drift is still drift, and shown in this nft's spelling.
-    let table = nft(&ns, &["list", "table", "inet", "shunt"]);
-    let set = table
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
-        .expect("a set")
-        .to_string();
+    let set = first_set(&ns);
     nft(
         &ns,
         &["add", "element", "inet", "shunt", &set, "{ 10.9.0.0/16 }"],
