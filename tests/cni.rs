@@ -284,13 +284,18 @@ fn chained_after_bridge_for_each_cni_version() {
 fn the_nftables_engine_through_add_check_and_del() {
     require_cni!();
     let rt = Runtime::new();
-    let plugins = [rt.bridge_conf(), shunt_conf(json!({"backend": "nftables"}))];
+    // The priority offset as a JSON number, as a CNI config would write it.
+    let plugins = [
+        rt.bridge_conf(),
+        shunt_conf(json!({"backend": "nftables", "nft_priority_offset": 10})),
+    ];
     let results = rt
         .add_all("1.0.0", &plugins, "IgnoreUnknown=1")
         .unwrap_or_else(|o| panic!("{} {}", o.stdout, o.stderr));
     let result = results[1].clone();
     let table = rt.pod.must(&["nft", "list", "table", "inet", "shunt"]);
     assert!(table.contains("v4_nat_SHUNT_OUTPUT"), "{table}");
+    assert!(table.contains("priority -90;"), "{table}");
     assert!(!rt.pod.iptables_save("nft", false).contains("SHUNT_"));
     let (capture, nodes) = listeners(&rt, &[8080]);
     assert_eq!(
