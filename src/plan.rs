@@ -332,18 +332,19 @@ fn port_rules(ports: &Set<PortRange>, target: &Target) -> Vec<Rule> {
     }
 }
 
-fn cidr_rules(family: Family, nets: &Set<IpNet>, target: &Target) -> Vec<Rule> {
+/// Appends the rules that send TCP to `target` when the destination is in `nets`. Pushed
+/// straight into the chain's vector: a 10,000-CIDR list would otherwise be built once and
+/// copied once more.
+fn cidr_rules(out: &mut Vec<Rule>, family: Family, nets: &Set<IpNet>, target: &Target) {
     match nets {
-        Set::All => vec![rule(vec![TCP], target.clone())],
+        Set::All => out.push(rule(vec![TCP], target.clone())),
         Set::List(list) => {
-            // Sized up front: a 10,000-CIDR list would otherwise regrow (and copy) the vector.
-            let mut rules = Vec::with_capacity(list.len());
-            rules.extend(
+            out.reserve(list.len());
+            out.extend(
                 list.iter()
                     .filter(|n| family.contains(n))
                     .map(|n| rule(vec![dst(*n), TCP], target.clone())),
             );
-            rules
         }
     }
 }
@@ -403,12 +404,13 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
     if !cfg.outbound_ports.is_empty() {
         outbound.extend(port_rules(&cfg.outbound_ports, &jump(REDIRECT)));
     }
-    outbound.extend(cidr_rules(
+    cidr_rules(
+        &mut outbound,
         family,
         &cfg.exclude_outbound_cidrs,
         &Target::Return,
-    ));
-    outbound.extend(cidr_rules(family, &cfg.outbound_cidrs, &jump(REDIRECT)));
+    );
+    cidr_rules(&mut outbound, family, &cfg.outbound_cidrs, &jump(REDIRECT));
 
     // nat PREROUTING -> SHUNT_INBOUND: TCP arriving from outside.
     let mut inbound = Vec::new();
