@@ -70,24 +70,34 @@ drop_pool() {
   done
 }
 
-bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
-  split_rules "$2"
-  local bare=() ours=()
+# Times RUNS pairs, each run in a namespace of the pool: `$1 NAMESPACE` (the bare restore)
+# against `shunt apply --netns ... --ipv6 on $2`. Sets b and o, the medians (ns).
+paired() {
+  local bare=() ours=() i t0
   pool $((2 * RUNS))
   for ((i = 0; i < RUNS; i++)); do
     t0=$(now)
-    ip netns exec "$ns-p$((2 * i))" iptables-nft-restore --noflush -w 10 < "$work/v4"
-    ip netns exec "$ns-p$((2 * i))" ip6tables-nft-restore --noflush -w 10 < "$work/v6"
+    "$1" "$ns-p$((2 * i))"
     bare+=($(( $(now) - t0 )))
     t0=$(now)
     # shellcheck disable=SC2086
-    "$SHUNT" -q apply --netns "/run/netns/$ns-p$((2 * i + 1))" --ipv6 on $2 ${3:---backend nft}
+    "$SHUNT" -q apply --netns "/run/netns/$ns-p$((2 * i + 1))" --ipv6 on $2
     ours+=($(( $(now) - t0 )))
   done
   drop_pool
-  local b o
   b=$(printf '%s\n' "${bare[@]}" | median)
   o=$(printf '%s\n' "${ours[@]}" | median)
+}
+
+bare_restore() {
+  ip netns exec "$1" iptables-nft-restore --noflush -w 10 < "$work/v4"
+  ip netns exec "$1" ip6tables-nft-restore --noflush -w 10 < "$work/v6"
+}
+bare_nft() { ip netns exec "$1" nft -f "$work/nft"; }
+
+bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
+  split_rules "$2"
+  paired bare_restore "$2 ${3:---backend nft}"
   fresh_ns
   # shellcheck disable=SC2086
   procs=$(strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft} && grep -c 'execve(.* = 0$' "$work/strace")
@@ -108,21 +118,7 @@ bench "1,000 excluded CIDRs" "--exclude-outbound-cidrs ${cidrs%,}"
 bench_nft() { # $1 = label, $2 = extra shunt flags
   # shellcheck disable=SC2086
   "$SHUNT" render --backend nftables --ipv6 on $2 > "$work/nft"
-  local bare=() ours=()
-  pool $((2 * RUNS))
-  for ((i = 0; i < RUNS; i++)); do
-    t0=$(now)
-    ip netns exec "$ns-p$((2 * i))" nft -f "$work/nft"
-    bare+=($(( $(now) - t0 )))
-    t0=$(now)
-    # shellcheck disable=SC2086
-    "$SHUNT" -q apply --netns "/run/netns/$ns-p$((2 * i + 1))" --ipv6 on --backend nftables $2
-    ours+=($(( $(now) - t0 )))
-  done
-  drop_pool
-  local b o
-  b=$(printf '%s\n' "${bare[@]}" | median)
-  o=$(printf '%s\n' "${ours[@]}" | median)
+  paired bare_nft "--backend nftables $2"
   printf '%-28s nftables  bare nft -f %7.2f ms  shunt %7.2f ms  ratio %.2fx\n' \
     "$1" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)"
 }
