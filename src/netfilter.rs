@@ -186,7 +186,7 @@ impl Feed {
     }
 }
 
-/// Starts a tool whose input comes later, so that its start (for nft: loading ten shared
+/// Starts a tool whose input comes later, so that its start (for nft: loading eleven shared
 /// libraries) overlaps the caller's work instead of following it.
 pub fn spawn_fed(
     tool: &str,
