@@ -347,15 +347,33 @@ pub fn settle(cfg: &CaptureConfig) -> CaptureConfig {
 /// `shunt apply`: converge the namespace to the plan, all or nothing.
 pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
     let cfg = &settle(cfg);
-    let mut target = Target::resolve(cfg)?;
-    if !dry_run {
-        target.engine.prestart();
-    }
-    let plan = plan::build(cfg, target.ipv6);
+    // The plan needs only the options, and whether IPv6 is on, which `auto` learns from the
+    // namespace: it is built on another core while the namespace is opened, locked and read
+    // and the engine's tool starts (a 10,000-CIDR plan takes over a millisecond).
+    let (target, plan) = std::thread::scope(|s| {
+        let planned = s.spawn(|| plan::build(cfg, cfg.ipv6 != Ipv6::Off));
+        let target = Target::resolve(cfg).and_then(|mut target| {
+            if !dry_run {
+                target.engine.prestart();
+                if target.ipv6 {
+                    add_inbound_source_v6(target.ns())?;
+                }
+            }
+            Ok(target)
+        });
+        let plan = planned
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (target, plan)
+    });
+    let mut target = target?;
+    // `auto` found IPv6 off in the namespace.
+    let plan = if plan.v6.is_some() == target.ipv6 {
+        plan
+    } else {
+        plan::build(cfg, target.ipv6)
+    };
     let families = target.families();
-    if target.ipv6 && !dry_run {
-        add_inbound_source_v6(target.ns())?;
-    }
     let mut old_marks = target.engine.installed_marks()?;
     let migrate_from = target.alone(cfg.migrate)?;
     let mut report = ApplyReport {
