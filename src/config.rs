@@ -66,7 +66,11 @@ pub fn shorten(value: &str) -> String {
 
 /// Accepts a string, a number, a bool or a list of those, and keeps it as the comma-separated
 /// string a flag would carry. TOML and CNI JSON users write `[80, 443]` or `"80,443"` alike.
+/// A visitor, not an untagged enum: serde buffers an untagged value whole first, and a list
+/// of 10,000 CIDRs was then copied three times.
 fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+    /// One element of a list.
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Scalar {
@@ -74,23 +78,49 @@ fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> 
         I(i64),
         B(bool),
     }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Value {
-        One(Scalar),
-        Many(Vec<Scalar>),
-    }
-    fn text(s: Scalar) -> String {
-        match s {
-            Scalar::S(s) => s,
-            Scalar::I(i) => i.to_string(),
-            Scalar::B(b) => b.to_string(),
+    struct Lenient;
+    impl<'de> Visitor<'de> for Lenient {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string, a number, a boolean or a list of those")
+        }
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_string<E: Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_bool<E: Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(item) = seq.next_element::<Scalar>()? {
+                items.push(match item {
+                    Scalar::S(s) => s,
+                    Scalar::I(i) => i.to_string(),
+                    Scalar::B(b) => b.to_string(),
+                });
+            }
+            Ok(Some(items.join(",")))
         }
     }
-    Ok(Option::<Value>::deserialize(d)?.map(|v| match v {
-        Value::One(s) => text(s),
-        Value::Many(v) => v.into_iter().map(text).collect::<Vec<_>>().join(","),
-    }))
+    d.deserialize_option(Lenient)
 }
 
 macro_rules! raw_options {
@@ -249,7 +279,12 @@ pub fn read_file(path: &Path) -> Result<RawOptions, ConfigError> {
     // mistake from filling memory.
     let mut text = String::new();
     std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text))
+        .and_then(|f| {
+            // Sized once: a 150 KB file read into a growing string is copied a dozen times.
+            let size = f.metadata().map_or(0, |m| m.len().min(MAX_CONFIG_FILE + 1));
+            text.reserve(size as usize);
+            f.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text)
+        })
         .map_err(|e| fail(e.to_string()))?;
     if text.len() as u64 > MAX_CONFIG_FILE {
         return Err(fail(format!(
@@ -431,7 +466,8 @@ fn items<'a>(option: &'static str, value: &'a str) -> Result<Vec<&'a str>, Confi
     if value.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let out: Vec<&str> = value.split(',').map(str::trim).collect();
+    let mut out = Vec::with_capacity(value.bytes().filter(|&b| b == b',').count() + 1);
+    out.extend(value.split(',').map(str::trim));
     if out.iter().any(|s| s.is_empty()) {
         return Err(invalid(
             option,
@@ -521,8 +557,9 @@ fn parse_cidr_set(option: &'static str, value: &str) -> Result<Set<IpNet>, Confi
     if value.trim() == "*" {
         return Ok(Set::All);
     }
-    let mut out = Vec::new();
-    for item in items(option, value)? {
+    let items = items(option, value)?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
         let Some(net) = parse_net(item) else {
             return Err(invalid(
                 option,
@@ -655,6 +692,13 @@ fn parse_netns(value: &str) -> Result<PathBuf, ConfigError> {
     Ok(PathBuf::from(value.trim()))
 }
 
+const BACKENDS: &[(&str, BackendChoice)] = &[
+    ("legacy", BackendChoice::Legacy),
+    ("nft", BackendChoice::Nft),
+    ("nftables", BackendChoice::Nftables),
+    ("auto", BackendChoice::Auto),
+];
+
 fn parse_enum<T: Copy>(
     option: &'static str,
     value: &str,
@@ -677,28 +721,29 @@ fn parse_enum<T: Copy>(
 
 impl RawOptions {
     /// Validates every option, then the combinations. Nothing touches the system here.
-    pub fn resolve(&self) -> Result<CaptureConfig, ConfigError> {
-        let get = |v: &Option<String>, default: &'static str| -> String {
-            v.clone().unwrap_or_else(|| default.to_string())
+    pub fn resolve<'a>(&'a self) -> Result<CaptureConfig, ConfigError> {
+        // Borrowed: a list of 10,000 CIDRs is not copied to be read.
+        let get = |v: &'a Option<String>, default: &'static str| -> &'a str {
+            v.as_deref().unwrap_or(default)
         };
         let proxy_port = parse_port(
             "proxy-port",
-            &get(&self.proxy_port, "15001"),
+            get(&self.proxy_port, "15001"),
             get(&self.proxy_port, "15001").trim(),
         )?;
         let inbound_port = parse_port(
             "inbound-port",
-            &get(&self.inbound_port, "15006"),
+            get(&self.inbound_port, "15006"),
             get(&self.inbound_port, "15006").trim(),
         )?;
         let mode_text = get(&self.mode, "redirect");
-        let number = |option: &'static str, v: &Option<String>, default: &'static str| {
+        let number = |option: &'static str, v: &'a Option<String>, default: &'static str| {
             let text = get(v, default);
             match text.trim().parse::<u32>() {
                 Ok(n) if n > 0 => Ok(n),
                 _ => Err(invalid(
                     option,
-                    &text,
+                    text,
                     "expected a number from 1 to 4294967295",
                 )),
             }
@@ -706,11 +751,11 @@ impl RawOptions {
         let cfg = CaptureConfig {
             proxy_port,
             inbound_port,
-            proxy_uid: parse_ids("proxy-uid", &get(&self.proxy_uid, "1337"))?,
-            proxy_gid: parse_ids("proxy-gid", &get(&self.proxy_gid, "1337"))?,
+            proxy_uid: parse_ids("proxy-uid", get(&self.proxy_uid, "1337"))?,
+            proxy_gid: parse_ids("proxy-gid", get(&self.proxy_gid, "1337"))?,
             mode: parse_enum(
                 "mode",
-                &mode_text,
+                mode_text,
                 &[("redirect", Mode::Redirect), ("tproxy", Mode::Tproxy)],
             )?,
             tproxy_mark: number("tproxy-mark", &self.tproxy_mark, "1337")?,
@@ -719,41 +764,41 @@ impl RawOptions {
                 &self.tproxy_route_table,
                 "133",
             )?)?,
-            outbound_cidrs: parse_cidr_set("outbound-cidrs", &get(&self.outbound_cidrs, "*"))?,
+            outbound_cidrs: parse_cidr_set("outbound-cidrs", get(&self.outbound_cidrs, "*"))?,
             exclude_outbound_cidrs: parse_cidr_set(
                 "exclude-outbound-cidrs",
-                &get(&self.exclude_outbound_cidrs, ""),
+                get(&self.exclude_outbound_cidrs, ""),
             )?,
-            outbound_ports: parse_port_set("outbound-ports", &get(&self.outbound_ports, ""))?,
+            outbound_ports: parse_port_set("outbound-ports", get(&self.outbound_ports, ""))?,
             exclude_outbound_ports: parse_port_set(
                 "exclude-outbound-ports",
-                &get(&self.exclude_outbound_ports, ""),
+                get(&self.exclude_outbound_ports, ""),
             )?,
-            inbound_ports: parse_port_set("inbound-ports", &get(&self.inbound_ports, "*"))?,
+            inbound_ports: parse_port_set("inbound-ports", get(&self.inbound_ports, "*"))?,
             exclude_inbound_ports: parse_port_set(
                 "exclude-inbound-ports",
-                &get(&self.exclude_inbound_ports, ""),
+                get(&self.exclude_inbound_ports, ""),
             )?,
             exclude_interfaces: parse_ifaces(
                 "exclude-interfaces",
-                &get(&self.exclude_interfaces, ""),
+                get(&self.exclude_interfaces, ""),
             )?,
-            virt_interfaces: parse_ifaces("virt-interfaces", &get(&self.virt_interfaces, ""))?,
-            redirect_dns: parse_bool("redirect-dns", &get(&self.redirect_dns, "false"))?,
-            capture_all_dns: parse_bool("capture-all-dns", &get(&self.capture_all_dns, "false"))?,
+            virt_interfaces: parse_ifaces("virt-interfaces", get(&self.virt_interfaces, ""))?,
+            redirect_dns: parse_bool("redirect-dns", get(&self.redirect_dns, "false"))?,
+            capture_all_dns: parse_bool("capture-all-dns", get(&self.capture_all_dns, "false"))?,
             dns_port: {
                 let v = get(&self.dns_port, "15053");
-                parse_port("dns-port", &v, v.trim())?
+                parse_port("dns-port", v, v.trim())?
             },
             dns_servers: self
                 .dns_servers
                 .as_deref()
                 .map(|v| parse_addrs("dns-servers", v))
                 .transpose()?,
-            drop_invalid: parse_bool("drop-invalid", &get(&self.drop_invalid, "false"))?,
+            drop_invalid: parse_bool("drop-invalid", get(&self.drop_invalid, "false"))?,
             ipv6: parse_enum(
                 "ipv6",
-                &get(&self.ipv6, "auto"),
+                get(&self.ipv6, "auto"),
                 &[
                     ("on", Ipv6::On),
                     ("true", Ipv6::On),
@@ -762,23 +807,14 @@ impl RawOptions {
                     ("auto", Ipv6::Auto),
                 ],
             )?,
-            backend: parse_enum(
-                "backend",
-                &get(&self.backend, "auto"),
-                &[
-                    ("legacy", BackendChoice::Legacy),
-                    ("nft", BackendChoice::Nft),
-                    ("nftables", BackendChoice::Nftables),
-                    ("auto", BackendChoice::Auto),
-                ],
-            )?,
+            backend: parse_enum("backend", get(&self.backend, "auto"), BACKENDS)?,
             netns: self.netns.as_deref().map(parse_netns).transpose()?,
             wait: {
                 let v = get(&self.wait, "30s");
-                crate::duration::positive(&v).map_err(|e| invalid("wait", &v, e.to_string()))?
+                crate::duration::positive(v).map_err(|e| invalid("wait", v, e.to_string()))?
             },
-            migrate: parse_bool("migrate", &get(&self.migrate, "false"))?,
-            nft_priority_offset: parse_priority_offset(&get(&self.nft_priority_offset, "-10"))?,
+            migrate: parse_bool("migrate", get(&self.migrate, "false"))?,
+            nft_priority_offset: parse_priority_offset(get(&self.nft_priority_offset, "-10"))?,
             istio: None,
         };
         if self.nft_priority_offset.is_some()
@@ -1068,6 +1104,19 @@ mod tests {
         assert_eq!(r.resolve().unwrap().ipv6, Ipv6::Off);
         let e = toml::from_str::<RawOptions>("proxy_prot = 1").unwrap_err();
         assert!(e.to_string().contains("proxy_prot"), "{e}");
+        // A value of no accepted kind names the key and what it takes.
+        let e = toml::from_str::<RawOptions>("proxy_port = 1.5").unwrap_err();
+        assert!(e.to_string().contains("proxy_port"), "{e}");
+        assert!(e.to_string().contains("a string, a number"), "{e}");
+        // CNI JSON: the same kinds, and null for an option left out.
+        let r: RawOptions = serde_json::from_str(
+            r#"{"proxy_port": 16001, "inbound_ports": [80, "443"], "redirect_dns": true, "ipv6": null}"#,
+        )
+        .unwrap();
+        assert_eq!(r.proxy_port.as_deref(), Some("16001"));
+        assert_eq!(r.inbound_ports.as_deref(), Some("80,443"));
+        assert_eq!(r.redirect_dns.as_deref(), Some("true"));
+        assert_eq!(r.ipv6, None);
     }
 
     #[test]

@@ -444,15 +444,13 @@ fn family_chains(
                 };
                 let list = match &run[0].matches[i] {
                     Match::Source { .. } | Match::Destination { .. } => {
-                        let nets: Vec<IpNet> = run
-                            .iter()
-                            .filter_map(|r| match &r.matches[i] {
-                                Match::Source { net, .. } | Match::Destination { net, .. } => {
-                                    Some(net.trunc())
-                                }
-                                _ => None,
-                            })
-                            .collect();
+                        let mut nets: Vec<IpNet> = Vec::with_capacity(run.len());
+                        nets.extend(run.iter().filter_map(|r| match &r.matches[i] {
+                            Match::Source { net, .. } | Match::Destination { net, .. } => {
+                                Some(net.trunc())
+                            }
+                            _ => None,
+                        }));
                         let set = format!("{name}_{n}");
                         sets.push(Set {
                             name: set.clone(),
