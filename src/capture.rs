@@ -4,13 +4,14 @@
 //! address, the reports); writing, reading back and removing rules is the engine's
 //! ([`crate::engine::Engine`]).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{BackendChoice, CaptureConfig, Ipv6, Mode};
+use crate::config::{BackendChoice, CaptureArgs, CaptureConfig, ConfigError, Ipv6, Mode};
 use crate::engine::{Engine, EngineKind, Part};
 use crate::netfilter::{self, Backend, Iptables, NetfilterError};
 use crate::netns::{self, Netns};
@@ -66,27 +67,55 @@ struct Probe {
     saves: Vec<(EngineKind, netfilter::Running)>,
 }
 
-impl Probe {
-    fn start(wanted: EngineKind, ns: Option<&Netns>) -> Result<Probe, NetfilterError> {
-        let mut probe = Probe {
-            nft: None,
-            saves: Vec::new(),
-        };
-        if wanted == EngineKind::Nftables {
-            // A backend with no table at all is not looked for on PATH either.
-            for b in [Backend::Nft, Backend::Legacy] {
-                if netfilter::known_empty(b, Family::V4, ns) || !b.available(Family::V4) {
-                    continue;
-                }
-                probe.saves.push((
-                    b.into(),
-                    netfilter::spawn_tool(&b.tool(Family::V4, "save"), &[], None, ns)?,
-                ));
-            }
-        } else if nft_available() {
-            probe.nft = Some(nftables::list(ns)?);
+/// What the kernel lists of the namespace's tables, asked in one visit to it: the nf_tables
+/// tables (`None`: it would not say), and whether legacy iptables holds no IPv4 table.
+struct Look {
+    tables: Option<Vec<crate::netlink::Table>>,
+    legacy_v4_empty: bool,
+}
+
+impl Look {
+    fn take(ns: Option<&Netns>) -> Look {
+        netns::run_in(ns, || Look {
+            tables: crate::netlink::tables_here(),
+            legacy_v4_empty: netfilter::legacy_empty_here(Family::V4),
+        })
+        .unwrap_or(Look {
+            tables: None,
+            legacy_v4_empty: false,
+        })
+    }
+
+    /// Whether `backend` certainly holds no IPv4 table.
+    fn empty(&self, backend: Backend) -> bool {
+        match backend {
+            Backend::Nft => netfilter::nft_family_empty(self.tables.as_deref(), Family::V4),
+            Backend::Legacy => self.legacy_v4_empty,
         }
-        Ok(probe)
+    }
+}
+
+impl Probe {
+    /// For an iptables engine: is shunt's nftables table there?
+    fn of_nftables(ns: Option<&Netns>) -> Result<Probe, NetfilterError> {
+        Ok(Probe {
+            nft: nft_available().then(|| nftables::list(ns)).transpose()?,
+            saves: Vec::new(),
+        })
+    }
+
+    /// For the nftables engine: do the iptables backends hold shunt's chains? A backend
+    /// with no table at all (`look`) is not looked for on PATH either.
+    fn of_iptables(ns: Option<&Netns>, look: &Look) -> Result<Probe, NetfilterError> {
+        let mut saves = Vec::new();
+        for b in [Backend::Nft, Backend::Legacy] {
+            if look.empty(b) || !b.available(Family::V4) {
+                continue;
+            }
+            let save = netfilter::spawn_tool(&b.tool(Family::V4, "save"), &[], None, ns)?;
+            saves.push((b.into(), save));
+        }
+        Ok(Probe { nft: None, saves })
     }
 
     /// The engine that holds shunt's rules besides the wanted one, if any.
@@ -164,7 +193,17 @@ fn choose_engine(
             return Ok((pick.into(), saved.map_or(Kept::Nothing, Kept::Save), None));
         }
     };
-    Ok((kind, Kept::Nothing, Some(Probe::start(kind, ns)?)))
+    if kind != EngineKind::Nftables {
+        return Ok((kind, Kept::Nothing, Some(Probe::of_nftables(ns)?)));
+    }
+    // One visit answers for the probe and for the engine: when the kernel has just said
+    // there is no `inet shunt`, the engine does not ask again.
+    let look = Look::take(ns);
+    let kept = match nftables::absent_from(look.tables.as_deref()) {
+        true => Kept::Listing(None),
+        false => Kept::Nothing,
+    };
+    Ok((kind, kept, Some(Probe::of_iptables(ns, &look)?)))
 }
 
 /// What choosing the engine already read, handed to the engine so it is not read twice.
@@ -329,50 +368,63 @@ pub fn resolv_conf_servers(netns: Option<&Path>) -> Vec<IpAddr> {
 }
 
 /// Fills in what the options left to the namespace (the DNS servers), once, at the edge.
-pub fn settle(cfg: &CaptureConfig) -> CaptureConfig {
-    let mut cfg = cfg.clone();
-    if cfg.redirect_dns && !cfg.capture_all_dns && cfg.dns_servers.is_none() {
-        let servers = resolv_conf_servers(cfg.netns.as_deref());
-        if servers.is_empty() {
-            tracing::warn!(
-                "--redirect-dns: no nameserver in the namespace's resolv.conf and no \
-                 --dns-servers; only --capture-all-dns would capture DNS"
-            );
-        }
-        cfg.dns_servers = Some(servers);
+/// Borrowed when there is nothing to fill in: 10,000 CIDRs are not copied for nothing.
+pub fn settle(cfg: &CaptureConfig) -> Cow<'_, CaptureConfig> {
+    if !cfg.redirect_dns || cfg.capture_all_dns || cfg.dns_servers.is_some() {
+        return Cow::Borrowed(cfg);
     }
-    cfg
+    let servers = resolv_conf_servers(cfg.netns.as_deref());
+    if servers.is_empty() {
+        tracing::warn!(
+            "--redirect-dns: no nameserver in the namespace's resolv.conf and no \
+             --dns-servers; only --capture-all-dns would capture DNS"
+        );
+    }
+    let mut cfg = cfg.clone();
+    cfg.dns_servers = Some(servers);
+    Cow::Owned(cfg)
 }
 
-/// `shunt apply`: converge the namespace to the plan, all or nothing.
-pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
-    let cfg = &settle(cfg);
-    // The plan needs only the options, and whether IPv6 is on, which `auto` learns from the
-    // namespace: it is built on another core while the namespace is opened, locked and read
-    // and the engine's tool starts (a 10,000-CIDR plan takes over a millisecond).
-    let (target, plan) = std::thread::scope(|s| {
-        let planned = s.spawn(|| plan::build(cfg, cfg.ipv6 != Ipv6::Off));
-        let target = Target::resolve(cfg).and_then(|mut target| {
-            if !dry_run {
-                target.engine.prestart();
-                if target.ipv6 {
-                    add_inbound_source_v6(target.ns())?;
-                }
+/// Reads the options for `apply`, and first starts what it can start before them: with
+/// `--backend nftables` and the namespace given as flags or variables, `nft -f -` (for a
+/// fresh namespace) is forked and loads its libraries while this thread parses a config
+/// file of, say, 10,000 CIDRs. A dry run starts nothing.
+pub fn prepare(
+    args: &CaptureArgs,
+    dry_run: bool,
+) -> Result<(CaptureConfig, Option<nftables::HeadStart>), ConfigError> {
+    match args.engine_known() {
+        Some((BackendChoice::Nftables, netns)) if !dry_run => {
+            let head = nftables::head_start(netns.as_deref());
+            // The thread that forks nft was queued on this CPU: without a yield it ran only
+            // once the file was parsed (6 of 8 traced runs), and its fork then copied the
+            // grown heap's page tables while this thread faulted it in.
+            if head.is_some() {
+                std::thread::yield_now();
             }
-            Ok(target)
-        });
-        let plan = planned
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (target, plan)
-    });
-    let mut target = target?;
-    // `auto` found IPv6 off in the namespace.
-    let plan = if plan.v6.is_some() == target.ipv6 {
-        plan
-    } else {
-        plan::build(cfg, target.ipv6)
-    };
+            Ok((args.resolve()?, head))
+        }
+        _ => Ok((args.resolve()?, None)),
+    }
+}
+
+/// `shunt apply`: converge the namespace to the plan, all or nothing. `head`: what
+/// [`prepare`] started for these options, if anything.
+pub fn apply(
+    cfg: &CaptureConfig,
+    dry_run: bool,
+    head: Option<nftables::HeadStart>,
+) -> Result<ApplyReport, crate::Error> {
+    let cfg = &settle(cfg);
+    let early = head.and_then(|h| h.take_for(cfg.netns.as_deref()));
+    let mut target = Target::resolve(cfg)?;
+    if !dry_run {
+        target.engine.prestart(early);
+    }
+    let plan = plan::build(cfg, target.ipv6);
+    if target.ipv6 && !dry_run {
+        add_inbound_source_v6(target.ns())?;
+    }
     let families = target.families();
     let mut old_marks = target.engine.installed_marks()?;
     let migrate_from = target.alone(cfg.migrate)?;

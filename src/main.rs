@@ -159,7 +159,7 @@ fn print_json(value: &impl serde::Serialize) {
 fn run(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::Render { capture, output } => {
-            let cfg = capture::settle(&capture.resolve()?);
+            let cfg = capture::settle(&capture.resolve()?).into_owned();
             // Without a namespace to look at, `auto` renders both families.
             let plan = plan::build(&cfg, cfg.ipv6 != config::Ipv6::Off);
             if output.json() {
@@ -176,8 +176,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             dry_run,
             output,
         } => {
-            let cfg = capture.resolve()?;
-            let report = capture::apply(&cfg, dry_run)?;
+            let (cfg, head) = capture::prepare(&capture, dry_run)?;
+            let report = capture::apply(&cfg, dry_run, head)?;
             for (family, script) in &report.changes {
                 let verb = if dry_run { "would apply" } else { "applied" };
                 tracing::info!(
@@ -363,7 +363,7 @@ fn run_istio(cli: IstioCli) -> Result<i32, Error> {
         }
         istio::Action::Nothing => tracing::info!("--skip-rule-apply: rules left as they are"),
         istio::Action::Apply => {
-            let report = capture::apply(&cfg, istio.dry_run)?;
+            let report = capture::apply(&cfg, istio.dry_run, None)?;
             for (family, script) in &report.changes {
                 let verb = if istio.dry_run {
                     "would apply"

@@ -143,11 +143,18 @@ pub fn tool_timeout() -> Duration {
 /// waiting lets independent reads and writes (IPv4 and IPv6) run side by side.
 pub struct Running {
     tool: String,
-    pid: nix::libc::pid_t,
     started: Instant,
-    /// The child is reaped on a thread of its own, which sends its exit status: `wait` then
-    /// blocks on the channel with the deadline, waking the moment the tool exits.
+    /// The child is started, fed and reaped on a thread of its own (its keeper), so that
+    /// `spawn` returns before fork and exec are done: the caller reads its config or plans
+    /// meanwhile. The keeper is also the thread PR_SET_PDEATHSIG watches, and it lives exactly
+    /// as long as the child. It sends the child's pid and pipes, then its exit status.
+    child: std::sync::mpsc::Receiver<std::io::Result<Child>>,
     exited: std::sync::mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
+}
+
+/// A started child, as its keeper hands it over.
+struct Child {
+    pid: nix::libc::pid_t,
     /// Pipes are drained on their own threads, so a tool that writes more than a pipe holds,
     /// or stops reading its input, cannot block us past the deadline.
     stdin: Option<std::thread::JoinHandle<()>>,
@@ -186,13 +193,12 @@ impl Feed {
     }
 }
 
+/// A tool started before its input was ready, and that input.
+pub type Writer = (Running, Feed);
+
 /// Starts a tool whose input comes later, so that its start (for nft: loading eleven shared
 /// libraries) overlaps the caller's work instead of following it.
-pub fn spawn_fed(
-    tool: &str,
-    args: &[&str],
-    ns: Option<&Netns>,
-) -> Result<(Running, Feed), NetfilterError> {
+pub fn spawn_fed(tool: &str, args: &[&str], ns: Option<&Netns>) -> Result<Writer, NetfilterError> {
     let (tx, rx) = std::sync::mpsc::channel();
     spawn(tool, args, Some(Input::Later(rx)), ns).map(|run| (run, Feed(tx)))
 }
@@ -220,61 +226,78 @@ fn spawn(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| NetfilterError::Spawn {
-        tool: tool.to_string(),
-        source,
-    })?;
-    let stdin = match (input, child.stdin.take()) {
-        (Some(input), Some(mut pipe)) => {
-            // A write error (the tool died early) shows up as its exit status in `wait`.
-            Some(std::thread::spawn(move || {
-                let text = match input {
-                    Input::Now(text) => text,
-                    Input::Later(rx) => rx.recv().unwrap_or_default(),
-                };
-                let _ = pipe.write_all(text.as_bytes());
-            }))
-        }
-        _ => None,
-    };
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let pid = child.id() as nix::libc::pid_t;
+    let started = Instant::now();
+    let (give, child) = std::sync::mpsc::channel();
     let (tx, exited) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = give.send(Err(e));
+                return;
+            }
+        };
+        let stdin = match (input, child.stdin.take()) {
+            (Some(input), Some(mut pipe)) => {
+                // A write error (the tool died early) shows up as its exit status in `wait`.
+                Some(std::thread::spawn(move || {
+                    let text = match input {
+                        Input::Now(text) => text,
+                        Input::Later(rx) => rx.recv().unwrap_or_default(),
+                    };
+                    let _ = pipe.write_all(text.as_bytes());
+                }))
+            }
+            _ => None,
+        };
+        let _ = give.send(Ok(Child {
+            pid: child.id() as nix::libc::pid_t,
+            stdin,
+            stdout: drain(child.stdout.take()),
+            stderr: drain(child.stderr.take()),
+        }));
         let _ = tx.send(child.wait());
     });
     Ok(Running {
         tool: tool.to_string(),
-        pid,
-        started: Instant::now(),
+        started,
+        child,
         exited,
-        stdin,
-        stdout,
-        stderr,
     })
 }
 
 impl Running {
     /// Waits for the tool, at most [`tool_timeout`] from its start (then kills it); its
     /// stdout, or an error carrying its stderr.
-    pub fn wait(mut self) -> Result<String, NetfilterError> {
+    pub fn wait(self) -> Result<String, NetfilterError> {
         let limit = tool_timeout();
-        let left = limit.saturating_sub(self.started.elapsed());
-        let status = match self.exited.recv_timeout(left) {
-            Ok(Ok(status)) => status,
-            Ok(Err(source)) => {
-                return Err(NetfilterError::Spawn {
+        let deadline = self.started + limit;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let spawn_error = |tool: String, source| NetfilterError::Spawn { tool, source };
+        let child = match self.child.recv_timeout(left()) {
+            Ok(Ok(child)) => child,
+            Ok(Err(source)) => return Err(spawn_error(self.tool, source)),
+            // fork and exec did not return in time: there is no pid to kill.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(NetfilterError::Timeout {
                     tool: self.tool,
-                    source,
+                    after: limit,
                 })
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let gone = std::io::Error::other("the thread starting it ended");
+                return Err(spawn_error(self.tool, gone));
+            }
+        };
+        let status = match self.exited.recv_timeout(left()) {
+            Ok(Ok(status)) => status,
+            Ok(Err(source)) => return Err(spawn_error(self.tool, source)),
             Err(_) => {
                 // SIGKILL: a hung iptables-restore has committed nothing yet, or it has
-                // committed some tables; the caller converges back either way. Its waiter had
+                // committed some tables; the caller converges back either way. Its keeper had
                 // not reaped it a moment ago, so the pid is, but for that moment, still its own.
                 // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
-                unsafe { nix::libc::kill(self.pid, nix::libc::SIGKILL) };
+                unsafe { nix::libc::kill(child.pid, nix::libc::SIGKILL) };
                 let _ = self.exited.recv();
                 return Err(NetfilterError::Timeout {
                     tool: self.tool,
@@ -285,11 +308,11 @@ impl Running {
         let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
             h.and_then(|h| h.join().ok()).unwrap_or_default()
         };
-        if let Some(h) = self.stdin.take() {
+        if let Some(h) = child.stdin {
             let _ = h.join();
         }
-        let stdout = join(self.stdout.take());
-        let stderr = join(self.stderr.take());
+        let stdout = join(child.stdout);
+        let stderr = join(child.stderr);
         if !status.success() {
             let stderr = String::from_utf8_lossy(&stderr).trim().to_string();
             return Err(NetfilterError::ToolFailed {
@@ -326,7 +349,7 @@ pub fn save_all(
     for (backend, family) in which {
         let empty = match backend {
             Backend::Nft => nft_family_empty(tables.as_deref(), *family),
-            Backend::Legacy => known_empty(*backend, *family, ns),
+            Backend::Legacy => legacy_empty(*family, ns),
         };
         running.push(match empty {
             true => None,
@@ -353,28 +376,29 @@ pub fn save_all(
 /// (most namespaces have no table of one backend, and a fresh one has none at all).
 ///
 /// Legacy: the kernel lists the legacy tables a namespace has in
-/// /proc/net/ip{,6}_tables_names. nft: iptables-nft's tables are nf_tables tables of family
-/// `ip` or `ip6`, and netlink lists those; any table of the family, whoever made it, means
-/// the save is run.
-pub fn known_empty(backend: Backend, family: Family, ns: Option<&Netns>) -> bool {
-    if backend == Backend::Nft {
-        return nft_family_empty(crate::netlink::tables(ns).as_deref(), family);
-    }
+/// /proc/net/ip{,6}_tables_names ([`legacy_empty_here`]). nft: iptables-nft's tables are
+/// nf_tables tables of family `ip` or `ip6`, and netlink lists those ([`nft_family_empty`]);
+/// any table of the family, whoever made it, means the save is run.
+fn legacy_empty(family: Family, ns: Option<&Netns>) -> bool {
+    netns::run_in(ns, move || legacy_empty_here(family)).unwrap_or(false)
+}
+
+/// Whether legacy iptables has no table of `family` in the calling thread's namespace.
+pub fn legacy_empty_here(family: Family) -> bool {
     let file = match family {
         Family::V4 => "/proc/thread-self/net/ip_tables_names",
         Family::V6 => "/proc/thread-self/net/ip6_tables_names",
     };
     // /proc/net is /proc/self/net, the main thread's namespace; thread-self is this one's.
-    netns::run_in(ns, move || match std::fs::read_to_string(file) {
+    match std::fs::read_to_string(file) {
         Ok(text) => text.trim().is_empty(),
         // No file: the legacy modules are not loaded, so there are no legacy tables.
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    })
-    .unwrap_or(false)
+    }
 }
 
 /// Whether the nf_tables tables listed (`None`: unknown) hold none of `family`'s.
-fn nft_family_empty(tables: Option<&[crate::netlink::Table]>, family: Family) -> bool {
+pub fn nft_family_empty(tables: Option<&[crate::netlink::Table]>, family: Family) -> bool {
     let want = match family {
         Family::V4 => crate::netlink::IPV4,
         Family::V6 => crate::netlink::IPV6,

@@ -50,40 +50,40 @@ pub const IPV6: u8 = 10;
 /// The nf_tables tables of the namespace, or `None` when the kernel would not say (no
 /// nf_tables, a dump interrupted by a change): callers then ask the tools as before.
 pub fn tables(ns: Option<&Netns>) -> Option<Vec<Table>> {
-    let listed = netns::run_in(ns, || {
-        let mut msg = header(
-            NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE,
-            NLM_F_REQUEST | NLM_F_DUMP,
-        );
-        // nfgenmsg: every family, version 0, resource id 0.
-        msg.extend_from_slice(&[0, 0, 0, 0]);
-        let mut out = Vec::new();
-        exchange(SockProtocol::NetlinkNetFilter, msg, |kind, body| {
-            if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWTABLE && body.len() >= 4 {
-                let name = attributes(&body[4..])
-                    .find(|(t, _)| *t == NFTA_TABLE_NAME)
-                    .map(|(_, v)| {
-                        String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(v))
-                            .into_owned()
-                    });
-                if let Some(name) = name {
-                    out.push(Table {
-                        family: body[0],
-                        name,
-                    });
-                }
+    netns::run_in(ns, tables_here).unwrap_or_else(|e| {
+        tracing::debug!("netlink table dump: {e}");
+        None
+    })
+}
+
+/// [`tables`] of the namespace the calling thread is in.
+pub fn tables_here() -> Option<Vec<Table>> {
+    let mut msg = header(
+        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE,
+        NLM_F_REQUEST | NLM_F_DUMP,
+    );
+    // nfgenmsg: every family, version 0, resource id 0.
+    msg.extend_from_slice(&[0, 0, 0, 0]);
+    let mut out = Vec::new();
+    let listed = exchange(SockProtocol::NetlinkNetFilter, msg, |kind, body| {
+        if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWTABLE && body.len() >= 4 {
+            let name = attributes(&body[4..])
+                .find(|(t, _)| *t == NFTA_TABLE_NAME)
+                .map(|(_, v)| {
+                    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(v)).into_owned()
+                });
+            if let Some(name) = name {
+                out.push(Table {
+                    family: body[0],
+                    name,
+                });
             }
-        })
-        .map(|()| out)
+        }
     });
     match listed {
-        Ok(Ok(tables)) => Some(tables),
-        Ok(Err(e)) => {
-            tracing::debug!("netlink table dump: {e}; asking the tools instead");
-            None
-        }
+        Ok(()) => Some(out),
         Err(e) => {
-            tracing::debug!("netlink table dump: {e}");
+            tracing::debug!("netlink table dump: {e}; asking the tools instead");
             None
         }
     }

@@ -22,10 +22,11 @@
 
 use ipnet::IpNet;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use crate::config::{IdRange, PortRange};
 use crate::engine::{Cleaned, Engine, EngineKind, Part};
-use crate::netfilter::{spawn_tool, NetfilterError};
+use crate::netfilter::{spawn_fed, spawn_tool, NetfilterError, Writer};
 use crate::netns::Netns;
 use crate::plan::{Family, Match, Owner, Plan, Proto, Rule, Ruleset, TableName, Target};
 
@@ -579,14 +580,23 @@ pub fn preflight(ns: Option<&Netns>) -> Result<(), NetfilterError> {
 /// nf_tables has no `inet shunt` (a fresh one, say) starts no `nft` at all.
 pub struct Reading(Option<crate::netfilter::Running>);
 
-/// Starts reading shunt's table (`nft list table inet shunt`).
-pub fn list(ns: Option<&Netns>) -> Result<Reading, NetfilterError> {
-    let absent = crate::netlink::tables(ns).is_some_and(|tables| {
+/// Whether the kernel says the namespace has no `inet shunt` (false when it would not say).
+fn absent(ns: Option<&Netns>) -> bool {
+    absent_from(crate::netlink::tables(ns).as_deref())
+}
+
+/// Whether the tables listed (`None`: unknown) hold no `inet shunt`.
+pub fn absent_from(tables: Option<&[crate::netlink::Table]>) -> bool {
+    tables.is_some_and(|tables| {
         !tables
             .iter()
             .any(|t| t.family == crate::netlink::INET && t.name == TABLE)
-    });
-    if absent {
+    })
+}
+
+/// Starts reading shunt's table (`nft list table inet shunt`).
+pub fn list(ns: Option<&Netns>) -> Result<Reading, NetfilterError> {
+    if absent(ns) {
         return Ok(Reading(None));
     }
     spawn_tool("nft", &["list", "table", "inet", TABLE], None, ns).map(|run| Reading(Some(run)))
@@ -642,6 +652,35 @@ pub fn marks(listing: &str) -> Vec<u32> {
     out
 }
 
+/// `nft -f -`, started before the options were all read.
+pub struct HeadStart {
+    netns: Option<PathBuf>,
+    writer: Writer,
+}
+
+/// Starts `nft -f -` in `netns` when the kernel says it has no `inet shunt` table, so that
+/// nft's start (eleven shared libraries) overlaps reading the config file; see
+/// [`crate::capture::apply`]. Fed nothing (the table was there after all, or the options were
+/// refused), it does nothing. Any failure here is left for the apply proper to report.
+pub fn head_start(netns: Option<&Path>) -> Option<HeadStart> {
+    let ns = netns.map(Netns::open).transpose().ok()?;
+    if !absent(ns.as_ref()) {
+        return None;
+    }
+    let writer = spawn_fed("nft", &["-f", "-"], ns.as_ref()).ok()?;
+    Some(HeadStart {
+        netns: netns.map(Path::to_path_buf),
+        writer,
+    })
+}
+
+impl HeadStart {
+    /// The writer, when it was started in `netns`.
+    pub fn take_for(self, netns: Option<&Path>) -> Option<Writer> {
+        (self.netns.as_deref() == netns).then_some(self.writer)
+    }
+}
+
 // === The engine ===
 
 /// shunt's `inet shunt` table in one namespace.
@@ -652,7 +691,7 @@ pub struct Nftables {
     /// The listing read once per command: `Some(None)` when there is no table.
     listing: Option<Option<String>>,
     /// `nft -f -`, started by [`Engine::prestart`] before the transaction was ready.
-    writer: Option<(crate::netfilter::Running, crate::netfilter::Feed)>,
+    writer: Option<Writer>,
 }
 
 impl Nftables {
@@ -704,7 +743,7 @@ impl Engine for Nftables {
         Ok(self.installed()?.map(|t| marks(&t)).unwrap_or_default())
     }
 
-    fn prestart(&mut self) {
+    fn prestart(&mut self, early: Option<Writer>) {
         let absent = match (&self.reading, &self.listing) {
             (Some(reading), _) => reading.absent(),
             (None, Some(listing)) => listing.is_none(),
@@ -713,7 +752,7 @@ impl Engine for Nftables {
         // A transaction is certain when there is no table; a failure to start is left for
         // `converge` to report.
         if absent && self.writer.is_none() {
-            self.writer = crate::netfilter::spawn_fed("nft", &["-f", "-"], self.ns.as_ref()).ok();
+            self.writer = early.or_else(|| spawn_fed("nft", &["-f", "-"], self.ns.as_ref()).ok());
         }
     }
 

@@ -677,3 +677,39 @@ fn an_nft_that_spells_the_table_otherwise_still_reads_back_in_sync() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.9.0.0/16"));
 }
+
+#[test]
+fn nft_started_before_the_config_file_is_read_writes_only_what_the_file_allows() {
+    require_nft!();
+    // With backend and namespace on the command line, `nft -f -` starts while the file is
+    // read. A refused file leaves the namespace untouched; an accepted one is applied by that
+    // same nft, and nothing else runs.
+    let ns = Ns::new("nft-head");
+    let (dir, log) = logging_tools("nfthead");
+    let cfg = dir.0.join("capture.toml");
+    let cfg = cfg.to_str().unwrap();
+    let args = [
+        "apply",
+        "--backend",
+        "nftables",
+        "--ipv6",
+        "on",
+        "--config",
+        cfg,
+    ];
+
+    std::fs::write(cfg, "exclude_outbound_cidrs = \"10.0.0.0/33\"\n").unwrap();
+    let out = dir.shunt(&ns, &args);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("10.0.0.0/33"), "{}", stderr(&out));
+    assert_eq!(ruleset(&ns).trim(), "");
+    let _ = take_log(&log);
+
+    std::fs::write(cfg, "exclude_outbound_cidrs = \"10.1.0.0/16\"\n").unwrap();
+    ok(&dir.shunt(&ns, &args));
+    assert_eq!(take_log(&log), vec!["nft -f -"]);
+    assert!(nft(&ns, &["list", "table", "inet", "shunt"]).contains("10.1.0.0/16"));
+    // Now the table is there: no head start, one listing, nothing written.
+    ok(&dir.shunt(&ns, &args));
+    assert_eq!(take_log(&log), vec!["nft list table inet shunt"]);
+}
