@@ -100,7 +100,8 @@ bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = appl
   paired bare_restore "$2 ${3:---backend nft}"
   fresh_ns
   # shellcheck disable=SC2086
-  procs=$(strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft} && grep -c 'execve(.* = 0$' "$work/strace")
+  # An exec on one thread while another runs is logged in two lines (unfinished, resumed).
+  procs=$(strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft} && grep -cE '(execve\(|<\.\.\. execve resumed>).* = 0$' "$work/strace")
   rules=$(grep -c '^-A' "$work/all")
   printf '%-28s %6d rules  bare %7.2f ms  shunt %7.2f ms  ratio %.2fx  processes started by shunt: %d\n' \
     "$1" "$rules" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)" "$((procs - 1))"

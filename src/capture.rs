@@ -397,8 +397,7 @@ pub fn prepare(
         Some((BackendChoice::Nftables, netns)) if !dry_run => {
             let head = nftables::head_start(netns.as_deref());
             // The thread that forks nft was queued on this CPU: without a yield it ran only
-            // once the file was parsed (6 of 8 traced runs), and its fork then copied the
-            // grown heap's page tables while this thread faulted it in.
+            // once the file was parsed (6 of 8 traced runs), and nft started that much later.
             if head.is_some() {
                 std::thread::yield_now();
             }

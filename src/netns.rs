@@ -203,7 +203,7 @@ pub fn lock(netns: Option<&Netns>, timeout: Duration) -> Result<Lock, NetnsError
 /// shunt: a restore or `nft -f` left running by a killed apply would otherwise go on to
 /// change the rules after the namespace's lock is gone, under the next shunt's feet.
 /// (`PR_SET_PDEATHSIG` follows the thread that starts the child; shunt starts its tools from
-/// the thread that waits for them.)
+/// a thread that outlives them: the keeper in `netfilter::spawn`, or one that waits.)
 pub fn command(program: &str, netns: Option<&Netns>) -> Command {
     let mut cmd = Command::new(program);
     let file = netns.map(|ns| ns.file.clone());
