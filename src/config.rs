@@ -479,8 +479,16 @@ fn items<'a>(option: &'static str, value: &'a str) -> Result<Vec<&'a str>, Confi
     if value.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let mut out = Vec::with_capacity(value.bytes().filter(|&b| b == b',').count() + 1);
-    out.extend(value.split(',').map(str::trim));
+    // memchr finds the commas several bytes at a time: `str::split(',')` took more
+    // instructions for a 10,000-CIDR list than parsing the addresses (callgrind).
+    let commas = memchr::memchr_iter(b',', value.as_bytes());
+    let mut out = Vec::with_capacity(commas.clone().count() + 1);
+    let mut start = 0;
+    for comma in commas {
+        out.push(value[start..comma].trim());
+        start = comma + 1;
+    }
+    out.push(value[start..].trim());
     if out.iter().any(|s| s.is_empty()) {
         return Err(invalid(
             option,
@@ -535,8 +543,9 @@ fn parse_port_set(option: &'static str, value: &str) -> Result<Set<PortRange>, C
 /// hand for std's address parser: ipnet's `FromStr` was the largest single cost of reading
 /// 10,000 CIDRs in a profile of `apply`.
 fn parse_net(s: &str) -> Option<IpNet> {
-    match s.split_once('/') {
-        Some((addr, len)) => {
+    match s.bytes().position(|b| b == b'/') {
+        Some(slash) => {
+            let (addr, len) = (&s[..slash], &s[slash + 1..]);
             if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
