@@ -159,11 +159,12 @@ fn print_json(value: &impl serde::Serialize) {
 fn run(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::Render { capture, output } => {
-            let cfg = capture::settle(&capture.resolve()?).into_owned();
+            let resolved = capture.resolve()?;
+            let cfg = capture::settle(&resolved);
             // Without a namespace to look at, `auto` renders both families.
             let plan = plan::build(&cfg, cfg.ipv6 != config::Ipv6::Off);
             if output.json() {
-                print_json(&serde_json::json!({ "config": cfg, "plan": plan }));
+                print_json(&serde_json::json!({ "config": *cfg, "plan": plan }));
             } else if cfg.backend == config::BackendChoice::Nftables {
                 print(&shunt::nftables::transaction(&plan));
             } else {
