@@ -341,8 +341,9 @@ fn cidr_rule_count(family: Family, nets: &Set<IpNet>) -> usize {
 }
 
 /// Appends the rules that send TCP to `target` when the destination is in `nets`. Pushed
-/// straight into the chain's vector (sized by the caller with [`cidr_rule_count`]): a
-/// 10,000-CIDR list would otherwise be built once and copied once more.
+/// straight into the chain's vector (reserved by the caller with [`cidr_rule_count`] for all
+/// its CIDR rules at once): a 10,000-CIDR list would otherwise be built once and copied once
+/// more, or regrow the vector.
 fn cidr_rules(out: &mut Vec<Rule>, family: Family, nets: &Set<IpNet>, target: &Target) {
     match nets {
         Set::All => out.push(rule(vec![TCP], target.clone())),
@@ -406,19 +407,14 @@ fn ruleset(cfg: &CaptureConfig, family: Family) -> Ruleset {
 
     // SHUNT_OUTBOUND: which destinations are captured, for the app's packets and for those
     // arriving on --virt-interfaces. Port exclusions win, then port inclusions, then CIDRs.
-    let ports = [
-        port_rules(&cfg.exclude_outbound_ports, &Target::Return),
-        match cfg.outbound_ports.is_empty() {
-            true => Vec::new(),
-            false => port_rules(&cfg.outbound_ports, &jump(REDIRECT)),
-        },
-    ];
-    let mut outbound = Vec::with_capacity(
-        ports.iter().map(Vec::len).sum::<usize>()
-            + cidr_rule_count(family, &cfg.exclude_outbound_cidrs)
+    let mut outbound = port_rules(&cfg.exclude_outbound_ports, &Target::Return);
+    if !cfg.outbound_ports.is_empty() {
+        outbound.extend(port_rules(&cfg.outbound_ports, &jump(REDIRECT)));
+    }
+    outbound.reserve(
+        cidr_rule_count(family, &cfg.exclude_outbound_cidrs)
             + cidr_rule_count(family, &cfg.outbound_cidrs),
     );
-    outbound.extend(ports.into_iter().flatten());
     cidr_rules(
         &mut outbound,
         family,
