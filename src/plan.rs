@@ -117,20 +117,36 @@ pub enum Match {
         ports: Vec<PortRange>,
         negate: bool,
     },
+    #[serde(serialize_with = "field::<_, u16, 0>")]
     SourcePort(u16),
     /// `-m conntrack --ctstate INVALID`
     CtInvalid,
     /// `-m conntrack --ctstate RELATED,ESTABLISHED`
     CtEstablished,
     /// `-m mark --mark M`: the packet's mark
+    #[serde(serialize_with = "field::<_, u32, 1>")]
     Mark(u32),
     /// `-m connmark --mark M`: the connection's mark
+    #[serde(serialize_with = "field::<_, u32, 1>")]
     Connmark(u32),
     Owner {
         kind: Owner,
         id: IdRange,
         negate: bool,
     },
+}
+
+/// A one-number variant of the internally tagged [`Match`] as `{"match": .., "port": 53}`
+/// (`NAME` 0) or `"mark"` (1): serde cannot put a tag beside a bare number.
+fn field<S: serde::Serializer, T: Serialize, const NAME: usize>(
+    value: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let name = ["port", "mark"][NAME];
+    let mut st = s.serialize_struct("Match", 1)?;
+    st.serialize_field(name, value)?;
+    st.end()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1104,6 +1120,30 @@ pub fn build(cfg: &CaptureConfig, ipv6: bool) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_match_serializes_to_json() {
+        // `render --json` once panicked on a DNS plan: a tag beside a bare number.
+        let cfg = crate::config::RawOptions {
+            mode: Some("tproxy".into()),
+            redirect_dns: Some("true".into()),
+            dns_servers: Some("10.0.0.10".into()),
+            drop_invalid: Some("true".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let json = serde_json::to_string(&build(&cfg, true)).expect("a plan serializes");
+        assert!(
+            json.contains(r#"{"match":"source_port","port":53}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#"{"match":"mark","mark":1337}"#), "{json}");
+        assert!(
+            json.contains(r#"{"match":"connmark","mark":1337}"#),
+            "{json}"
+        );
+    }
 
     #[test]
     fn default_plan_has_nat_chains_and_two_jumps_per_family() {
