@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{BackendChoice, CaptureArgs, CaptureConfig, ConfigError, Ipv6, Mode};
+use crate::config::{BackendChoice, CaptureConfig, Ipv6, Mode};
 use crate::engine::{Engine, EngineKind, Part};
 use crate::netfilter::{self, Backend, Iptables, NetfilterError};
 use crate::netns::{self, Netns};
@@ -385,41 +385,10 @@ pub fn settle(cfg: &CaptureConfig) -> Cow<'_, CaptureConfig> {
     Cow::Owned(cfg)
 }
 
-/// Reads the options for `apply`, and first starts what it can start before them: with
-/// `--backend nftables` and the namespace given as flags or variables, `nft -f -` (for a
-/// fresh namespace) is forked and loads its libraries while this thread parses a config
-/// file of, say, 10,000 CIDRs. A dry run starts nothing.
-pub fn prepare(
-    args: &CaptureArgs,
-    dry_run: bool,
-) -> Result<(CaptureConfig, Option<nftables::HeadStart>), ConfigError> {
-    match args.engine_known() {
-        Some((BackendChoice::Nftables, netns)) if !dry_run => {
-            let head = nftables::head_start(netns.as_deref());
-            // The thread that forks nft was queued on this CPU: without a yield it ran only
-            // once the file was parsed (6 of 8 traced runs), and nft started that much later.
-            if head.is_some() {
-                std::thread::yield_now();
-            }
-            Ok((args.resolve()?, head))
-        }
-        _ => Ok((args.resolve()?, None)),
-    }
-}
-
-/// `shunt apply`: converge the namespace to the plan, all or nothing. `head`: what
-/// [`prepare`] started for these options, if anything.
-pub fn apply(
-    cfg: &CaptureConfig,
-    dry_run: bool,
-    head: Option<nftables::HeadStart>,
-) -> Result<ApplyReport, crate::Error> {
+/// `shunt apply`: converge the namespace to the plan, all or nothing.
+pub fn apply(cfg: &CaptureConfig, dry_run: bool) -> Result<ApplyReport, crate::Error> {
     let cfg = &settle(cfg);
-    let early = head.and_then(|h| h.take_for(cfg.netns.as_deref()));
     let mut target = Target::resolve(cfg)?;
-    if !dry_run {
-        target.engine.prestart(early);
-    }
     let plan = plan::build(cfg, target.ipv6);
     if target.ipv6 && !dry_run {
         add_inbound_source_v6(target.ns())?;

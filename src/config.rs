@@ -235,19 +235,6 @@ impl CaptureArgs {
         };
         self.options.clone().layer(file).resolve()
     }
-
-    /// The backend and the namespace, when flags or variables settle both (a config file
-    /// cannot change them then): enough to start work before the file is read. `None` when
-    /// either is left to a file, or is invalid (`resolve` then says so).
-    pub fn engine_known(&self) -> Option<(BackendChoice, Option<PathBuf>)> {
-        let backend = parse_enum("backend", self.options.backend.as_deref()?, BACKENDS).ok()?;
-        let netns = match (&self.options.netns, &self.config) {
-            (Some(path), _) => Some(parse_netns(path).ok()?),
-            (None, None) => None,
-            (None, Some(_)) => return None,
-        };
-        Some((backend, netns))
-    }
 }
 
 /// Where a refused capture option's value came from, when it was not the command line: a

@@ -82,13 +82,6 @@ pub trait Engine {
     /// The tproxy marks the installed rules use (read before converging, so the routing of
     /// a mark the new plan drops can be removed after).
     fn installed_marks(&mut self) -> Result<Vec<u32>, NetfilterError>;
-    /// A converge that writes will follow (apply, not a dry run): an engine may start its
-    /// writer now, so that the tool's start overlaps the planning (nftables does when it
-    /// knows its table is absent), or take `early`, the writer its caller started before
-    /// the options were read (`nft -f -`). It changes nothing in the namespace itself.
-    fn prestart(&mut self, early: Option<crate::netfilter::Writer>) {
-        drop(early);
-    }
     /// Converges the namespace to `plan`, all or nothing; the scripts that ran (or, with
     /// `dry_run`, would run). Nothing at all when the installed rules already match.
     fn converge(

@@ -177,8 +177,8 @@ fn run(cli: Cli) -> Result<i32, Error> {
             dry_run,
             output,
         } => {
-            let (cfg, head) = capture::prepare(&capture, dry_run)?;
-            let report = capture::apply(&cfg, dry_run, head)?;
+            let cfg = capture.resolve()?;
+            let report = capture::apply(&cfg, dry_run)?;
             for (family, script) in &report.changes {
                 let verb = if dry_run { "would apply" } else { "applied" };
                 tracing::info!(
@@ -364,7 +364,7 @@ fn run_istio(cli: IstioCli) -> Result<i32, Error> {
         }
         istio::Action::Nothing => tracing::info!("--skip-rule-apply: rules left as they are"),
         istio::Action::Apply => {
-            let report = capture::apply(&cfg, istio.dry_run, None)?;
+            let report = capture::apply(&cfg, istio.dry_run)?;
             for (family, script) in &report.changes {
                 let verb = if istio.dry_run {
                     "would apply"

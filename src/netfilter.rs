@@ -93,6 +93,14 @@ pub enum NetfilterError {
         wanted: &'static str,
         held: &'static str,
     },
+    #[error(
+        "the kernel refused the nftables transaction at {what}: {source}; nothing was changed \
+         (SHUNT_NFT_WRITER=nft writes the same table through nft, for comparison)"
+    )]
+    Refused {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("not everything could be removed: {}", errors.join("; "))]
     Incomplete { errors: Vec<String> },
     #[error(
@@ -179,39 +187,13 @@ pub fn spawn_tool(
     input: Option<&str>,
     ns: Option<&Netns>,
 ) -> Result<Running, NetfilterError> {
-    spawn(tool, args, input.map(|t| Input::Now(t.to_string())), ns)
-}
-
-/// The input of a tool started before its input was ready ([`spawn_fed`]).
-pub struct Feed(std::sync::mpsc::Sender<String>);
-
-impl Feed {
-    /// Writes `text` to the tool's stdin and closes it. A `Feed` dropped unsent closes stdin
-    /// with nothing written: `nft -f -` then does nothing and exits 0.
-    pub fn send(self, text: String) {
-        let _ = self.0.send(text);
-    }
-}
-
-/// A tool started before its input was ready, and that input.
-pub type Writer = (Running, Feed);
-
-/// Starts a tool whose input comes later, so that its start (for nft: loading eleven shared
-/// libraries) overlaps the caller's work instead of following it.
-pub fn spawn_fed(tool: &str, args: &[&str], ns: Option<&Netns>) -> Result<Writer, NetfilterError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    spawn(tool, args, Some(Input::Later(rx)), ns).map(|run| (run, Feed(tx)))
-}
-
-enum Input {
-    Now(String),
-    Later(std::sync::mpsc::Receiver<String>),
+    spawn(tool, args, input.map(str::to_string), ns)
 }
 
 fn spawn(
     tool: &str,
     args: &[&str],
-    input: Option<Input>,
+    input: Option<String>,
     ns: Option<&Netns>,
 ) -> Result<Running, NetfilterError> {
     let path = find_tool(tool).ok_or_else(|| NetfilterError::MissingTool {
@@ -238,13 +220,9 @@ fn spawn(
             }
         };
         let stdin = match (input, child.stdin.take()) {
-            (Some(input), Some(mut pipe)) => {
+            (Some(text), Some(mut pipe)) => {
                 // A write error (the tool died early) shows up as its exit status in `wait`.
                 Some(std::thread::spawn(move || {
-                    let text = match input {
-                        Input::Now(text) => text,
-                        Input::Later(rx) => rx.recv().unwrap_or_default(),
-                    };
                     let _ = pipe.write_all(text.as_bytes());
                 }))
             }

@@ -1,12 +1,13 @@
-//! Two questions for the kernel asked over netlink instead of through a process, because
-//! apply is measured against a bare `nft -f` and each tool started costs 2–5 ms:
-//! which nf_tables tables a namespace has (an apply into a fresh namespace then reads
-//! nothing), and `ip addr replace` of one address (`::6` on lo).
+//! What shunt asks of the kernel over netlink instead of through a process, because apply is
+//! measured against a bare `nft -f` and each tool started costs 2–5 ms: which nf_tables
+//! tables a namespace has (an apply into a fresh namespace then reads nothing), `ip addr
+//! replace` of one address (`::6` on lo), and committing one nf_tables batch (the messages
+//! are built in `nftables::wire`).
 //!
-//! Each is one request and its answer on a socket opened inside the namespace (a netlink
-//! socket belongs to the namespace of the thread that opens it). Two fixed messages do not
-//! justify a netlink crate family; the layouts are in linux/netlink.h, linux/netfilter/
-//! nfnetlink.h, nf_tables.h and linux/if_addr.h.
+//! Each is one send and its answers on a socket opened inside the namespace (a netlink
+//! socket belongs to the namespace of the thread that opens it). A handful of message kinds
+//! does not justify a netlink crate family; the layouts are in linux/netlink.h,
+//! linux/netfilter/nfnetlink.h, nf_tables.h and linux/if_addr.h.
 
 use std::io;
 use std::net::Ipv6Addr;
@@ -26,6 +27,11 @@ const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const HEADER: usize = 16;
+const NLA_F_NESTED: u16 = 0x8000;
+const SOL_NETLINK: nix::libc::c_int = 270;
+const NETLINK_CAP_ACK: nix::libc::c_int = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -111,6 +117,210 @@ pub fn replace_address_v6(
         }
         exchange(SockProtocol::NetlinkRoute, msg, |_, _| {})
     })
+}
+
+/// Netlink attributes being written: values, and nests whose length is set when they end.
+#[derive(Default)]
+pub struct Attrs(Vec<u8>);
+
+impl Attrs {
+    pub fn bytes(&mut self, kind: u16, value: &[u8]) {
+        attribute(&mut self.0, kind, value);
+    }
+
+    /// A NUL-terminated string.
+    pub fn str(&mut self, kind: u16, value: &str) {
+        let len = 5 + value.len();
+        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(value.as_bytes());
+        self.0.push(0);
+        self.0.resize(align(self.0.len()), 0);
+    }
+
+    /// A 32-bit number in network byte order, as nf_tables takes them.
+    pub fn u32(&mut self, kind: u16, value: u32) {
+        self.bytes(kind, &value.to_be_bytes());
+    }
+
+    /// Opens a nested attribute; pass the result to [`Attrs::end`].
+    pub fn nest(&mut self, kind: u16) -> usize {
+        let at = self.0.len();
+        self.0.extend_from_slice(&0u16.to_ne_bytes());
+        self.0
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        at
+    }
+
+    pub fn end(&mut self, at: usize) {
+        let len = (self.0.len() - at) as u16;
+        self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+}
+
+/// One nf_tables transaction: messages between a batch begin and end, and what each one
+/// writes, so that a refusal names it.
+pub struct Batch {
+    attrs: Attrs,
+    start: usize,
+    what: Vec<String>,
+}
+
+/// The kernel's refusal of a batch: what the refused message wrote, and the errno.
+#[derive(Debug)]
+pub struct Refused {
+    pub what: String,
+    pub source: io::Error,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        let mut b = Batch {
+            attrs: Attrs(Vec::with_capacity(4096)),
+            start: 0,
+            what: Vec::new(),
+        };
+        b.frame(NFNL_MSG_BATCH_BEGIN);
+        b
+    }
+
+    /// A batch begin or end: sequence 0, for the nf_tables subsystem.
+    fn frame(&mut self, kind: u16) {
+        let buf = &mut self.attrs.0;
+        let at = buf.len();
+        buf.extend_from_slice(&(HEADER as u32 + 4).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        // nfgenmsg: AF_UNSPEC, version 0, resource id: the subsystem, big-endian.
+        buf.extend_from_slice(&[0, 0]);
+        buf.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        debug_assert_eq!(buf.len() - at, HEADER + 4);
+    }
+
+    /// Starts an nf_tables message (`NFT_MSG_*` `kind`) for `family`; write its attributes
+    /// into the result, then call [`Batch::finish`].
+    pub fn message(
+        &mut self,
+        kind: u8,
+        family: u8,
+        flags: u16,
+        what: impl FnOnce() -> String,
+    ) -> &mut Attrs {
+        self.what.push(what());
+        let seq = self.what.len() as u32;
+        let buf = &mut self.attrs.0;
+        self.start = buf.len();
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&(NFNL_SUBSYS_NFTABLES << 8 | u16::from(kind)).to_ne_bytes());
+        buf.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&[family, 0, 0, 0]);
+        &mut self.attrs
+    }
+
+    /// Ends the message [`Batch::message`] started.
+    pub fn finish(&mut self) {
+        let len = (self.attrs.0.len() - self.start) as u32;
+        self.attrs.0[self.start..self.start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    /// How many messages, and bytes, the batch holds.
+    pub fn size(&self) -> (usize, usize) {
+        (self.what.len(), self.attrs.0.len())
+    }
+
+    /// The batch's bytes, end included.
+    pub(crate) fn seal(mut self) -> (Vec<u8>, Vec<String>) {
+        self.frame(NFNL_MSG_BATCH_END);
+        (self.attrs.0, self.what)
+    }
+}
+
+/// Commits one batch in the namespace: the kernel applies all of it or none. The outer error
+/// is entering the namespace, the inner one the kernel's answer.
+pub fn commit(ns: Option<&Netns>, batch: Batch) -> Result<Result<(), Refused>, netns::NetnsError> {
+    let (bytes, what) = batch.seal();
+    netns::run_in(ns, move || commit_here(&bytes, &what))
+}
+
+fn commit_here(bytes: &[u8], what: &[String]) -> Result<(), Refused> {
+    use std::os::fd::AsRawFd;
+    let refused = |what: &str, source: io::Error| Refused {
+        what: what.to_string(),
+        source,
+    };
+    let socket_error = |e: nix::Error| refused("the netlink socket", io::Error::from(e));
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .map_err(socket_error)?;
+    // An error echoes only the refused message's header, not a 64 KiB element list.
+    let one: nix::libc::c_int = 1;
+    // SAFETY: a valid socket and a pointer to a c_int that outlives the call.
+    unsafe {
+        nix::libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_NETLINK,
+            NETLINK_CAP_ACK,
+            (&one as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        );
+    }
+    // The kernel refuses a message larger than the send buffer (10,000 CIDRs are 0.5 MB).
+    if bytes.len() > 128 * 1024 {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&fd, sockopt::SndBufForce, &(bytes.len() + 4096)).map_err(socket_error)?;
+    }
+    sendto(
+        fd.as_raw_fd(),
+        bytes,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(|e| refused("the transaction", io::Error::from(e)))?;
+    // The batch is applied, or refused, inside sendto: any refusal is already queued. Nothing
+    // queued means it was applied (no message asks for an acknowledgement).
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+            Err(e) => return Err(refused("the transaction", io::Error::from(e))),
+        };
+        let mut data = &buf[..n];
+        while data.len() >= HEADER {
+            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            let kind = u16::from_ne_bytes([data[4], data[5]]);
+            if len < HEADER || len > data.len() {
+                break;
+            }
+            let body = &data[HEADER..len];
+            if kind == NLMSG_ERROR && body.len() >= 4 + HEADER {
+                let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
+                let seq = u32::from_ne_bytes([body[12], body[13], body[14], body[15]]) as usize;
+                if code != 0 {
+                    let what = match seq.checked_sub(1).and_then(|i| what.get(i)) {
+                        Some(w) => w.as_str(),
+                        None => "the commit",
+                    };
+                    return Err(refused(what, io::Error::from_raw_os_error(-code)));
+                }
+            }
+            data = &data[align(len).min(data.len())..];
+        }
+    }
 }
 
 fn header(kind: u16, flags: u16) -> Vec<u8> {

@@ -119,25 +119,44 @@ fn a_transaction_that_fails_half_way_leaves_the_previous_table_exactly() {
     let ns = Ns::new("nft-fail");
     ok(&apply(&ns, &["--ipv6", "on", "--inbound-ports", "80"]));
     let before = ruleset(&ns);
-    // The transaction reaches the kernel with one bad element at its very end.
+    let change = [
+        "apply",
+        "--backend",
+        "nftables",
+        "--ipv6",
+        "on",
+        "--exclude-outbound-ports",
+        "22",
+    ];
+    // Over netlink: the batch reaches the kernel with one bad element at its very end (a
+    // hook of debug builds).
+    let out = shunt_command()
+        .args(change)
+        .args(["--netns", &ns.path()])
+        .env("SHUNT_TEST_NFT_BAD_ELEMENT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused the nftables transaction at elements of set no_such_set"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(ruleset(&ns), before, "a refused batch changed the ruleset");
+    // Through `nft -f -`: the same, with the bad element added to nft's input.
     let dir = tempdir::Dir::new("nftfail");
     dir.write_exec(
         "nft",
         "#!/bin/sh\nif [ \"$1\" = -f ]; then\n  { cat; echo 'add element inet shunt no_such_set { 10.9.9.9 }'; } | \
          /usr/sbin/nft \"$@\"\n  exit $?\nfi\nexec /usr/sbin/nft \"$@\"\n",
     );
-    let out = dir.shunt(
-        &ns,
-        &[
-            "apply",
-            "--backend",
-            "nftables",
-            "--ipv6",
-            "on",
-            "--exclude-outbound-ports",
-            "22",
-        ],
-    );
+    let out = shunt_command()
+        .args(change)
+        .args(["--netns", &ns.path()])
+        .env("PATH", dir.path_with_system())
+        .env("SHUNT_NFT_WRITER", "nft")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("nft failed"), "{}", stderr(&out));
     assert_eq!(
@@ -145,6 +164,9 @@ fn a_transaction_that_fails_half_way_leaves_the_previous_table_exactly() {
         before,
         "a failed transaction changed the ruleset"
     );
+    // Nothing was left half-way: the change applies cleanly now.
+    ok(&ns.shunt(&change));
+    assert!(nft(&ns, &["list", "table", "inet", "shunt"]).contains("tcp dport 22 return"));
 }
 
 #[test]
@@ -351,14 +373,31 @@ fn a_too_old_nft_is_refused_with_the_version_needed() {
         "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'nftables v0.9.0 (Fearless Fosdick)'; exit 0; fi\n\
          echo 'Error: syntax error, unexpected tproxy' >&2\nexit 1\n",
     );
-    let out = dir.shunt(&ns, &["apply", "--backend", "nftables"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains("nft 0.9.3 or newer") && err.contains("v0.9.0"),
-        "{err}"
-    );
+    let run = |writer: &str| {
+        let out = shunt_command()
+            .args(["apply", "--backend", "nftables", "--netns", &ns.path()])
+            .env("PATH", dir.path_with_system())
+            .env("SHUNT_NFT_WRITER", writer)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("nft 0.9.3 or newer") && err.contains("v0.9.0"),
+            "{err}"
+        );
+    };
+    // Writing through nft, the first apply fails, and writes nothing.
+    run("nft");
     assert!(ns.exec(&["nft", "list", "ruleset"]).stdout.is_empty());
+    // Over netlink a fresh namespace needs no nft; reading the table back does.
+    let out = shunt_command()
+        .args(["apply", "--backend", "nftables", "--netns", &ns.path()])
+        .env("PATH", dir.path_with_system())
+        .output()
+        .unwrap();
+    ok(&out);
+    run("netlink");
 }
 
 #[test]
@@ -507,13 +546,13 @@ fn take_log(log: &std::path::Path) -> Vec<String> {
 #[test]
 fn a_fresh_namespace_is_read_through_netlink_and_a_second_apply_still_reads_the_tools() {
     require_nft!();
-    // nftables engine: the kernel says there is no table, so the only tool is the
-    // transaction; ::6 goes on lo without `ip`.
+    // nftables engine: the kernel says there is no table, and the transaction goes over
+    // netlink, so no tool runs at all; ::6 goes on lo without `ip`.
     let ns = Ns::new("nft-fresh");
     let (dir, log) = logging_tools("nftfresh");
     let args = ["apply", "--backend", "nftables", "--ipv6", "on"];
     ok(&dir.shunt(&ns, &args));
-    assert_eq!(take_log(&log), vec!["nft -f -"]);
+    assert_eq!(take_log(&log), Vec::<String>::new());
     assert!(ns
         .must(&["ip", "-6", "addr", "show", "dev", "lo"])
         .contains("::6/128"));
@@ -679,37 +718,142 @@ fn an_nft_that_spells_the_table_otherwise_still_reads_back_in_sync() {
 }
 
 #[test]
-fn nft_started_before_the_config_file_is_read_writes_only_what_the_file_allows() {
+fn the_netlink_writer_installs_what_nft_installs_for_every_plan_shape() {
     require_nft!();
-    // With backend and namespace on the command line, `nft -f -` starts while the file is
-    // read. A refused file leaves the namespace untouched; an accepted one is applied by that
-    // same nft, and nothing else runs.
-    let ns = Ns::new("nft-head");
-    let (dir, log) = logging_tools("nfthead");
-    let cfg = dir.0.join("capture.toml");
-    let cfg = cfg.to_str().unwrap();
-    let args = [
-        "apply",
-        "--backend",
-        "nftables",
-        "--ipv6",
-        "on",
-        "--config",
-        cfg,
+    // Each option set written both ways into a namespace of its own: the kernel must hold the
+    // same expressions, sets and elements (`nft --debug=netlink` prints them), and nft must
+    // list the same text.
+    let shapes: [&[&str]; 6] = [
+        &[],
+        &[
+            "--redirect-dns",
+            "--dns-servers",
+            "10.0.0.10,fd00::10",
+            "--drop-invalid",
+            "--exclude-interfaces",
+            "veth+,eth9",
+            "--exclude-outbound-cidrs",
+            "10.0.0.0/8,192.168.1.1,172.16.0.0/12,fd00::/8,fd01::/16",
+            "--outbound-ports",
+            "80,8000-8080",
+            "--exclude-outbound-ports",
+            "22,2000-2100",
+            "--inbound-ports",
+            "80,443",
+            "--exclude-inbound-ports",
+            "9000",
+            "--proxy-uid",
+            "1337,2000-2002",
+            "--outbound-cidrs",
+            "10.0.0.0/8,10.1.0.0/16,fd00::/7",
+            "--virt-interfaces",
+            "tap0",
+        ],
+        &[
+            "--mode",
+            "tproxy",
+            "--tproxy-mark",
+            "7",
+            "--proxy-gid",
+            "5,7,9-12",
+            "--exclude-outbound-ports",
+            "65535,1-5",
+            "--drop-invalid",
+        ],
+        // Intervals at both ends of the key space, touching ones, and a /0.
+        &[
+            "--proxy-uid",
+            "0-10,65000",
+            "--exclude-outbound-cidrs",
+            "0.0.0.0/8,11.0.0.0/8,10.0.0.0/8,255.255.255.255,::/8,ffff::/16,fe80::/10",
+            "--outbound-ports",
+            "65535",
+        ],
+        &[
+            "--exclude-outbound-cidrs",
+            "0.0.0.0/0",
+            "--outbound-cidrs",
+            "::/0",
+        ],
+        &[
+            "--outbound-cidrs",
+            "10.0.0.0/12,192.168.0.0/24,fd00::/8",
+            "--inbound-ports",
+            "8000-8080",
+            "--exclude-inbound-ports",
+            "8001",
+            "--proxy-gid",
+            "1,2,3",
+        ],
     ];
-
-    std::fs::write(cfg, "exclude_outbound_cidrs = \"10.0.0.0/33\"\n").unwrap();
-    let out = dir.shunt(&ns, &args);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("10.0.0.0/33"), "{}", stderr(&out));
-    assert_eq!(ruleset(&ns).trim(), "");
-    let _ = take_log(&log);
-
-    std::fs::write(cfg, "exclude_outbound_cidrs = \"10.1.0.0/16\"\n").unwrap();
-    ok(&dir.shunt(&ns, &args));
-    assert_eq!(take_log(&log), vec!["nft -f -"]);
-    assert!(nft(&ns, &["list", "table", "inet", "shunt"]).contains("10.1.0.0/16"));
-    // Now the table is there: no head start, one listing, nothing written.
-    ok(&dir.shunt(&ns, &args));
-    assert_eq!(take_log(&log), vec!["nft list table inet shunt"]);
+    let listing = |ns: &Ns| {
+        let kernel = nft(ns, &["--debug=netlink", "list", "ruleset"]);
+        // Anonymous sets are numbered by the kernel in the order they were made.
+        let kernel: String = kernel
+            .split("__set")
+            .enumerate()
+            .map(|(i, part)| {
+                if i == 0 {
+                    part.to_string()
+                } else {
+                    part.trim_start_matches(|c: char| c.is_ascii_digit())
+                        .to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("__set");
+        // A hash set dumps its elements in hash order, which differs between two sets.
+        let mut lines: Vec<String> = Vec::new();
+        let mut elements: Vec<&str> = Vec::new();
+        for line in kernel.lines() {
+            if line.starts_with("\telement ") {
+                elements.push(line);
+                continue;
+            }
+            elements.sort_unstable();
+            lines.extend(elements.drain(..).map(str::to_string));
+            lines.push(line.to_string());
+        }
+        elements.sort_unstable();
+        lines.extend(elements.drain(..).map(str::to_string));
+        (lines.join("\n"), ruleset(ns))
+    };
+    // 1,500 prefixes that do not aggregate: 3,001 elements, sent in several messages.
+    let many = (0..1500)
+        .map(|i| format!("10.{}.{}.0/24", i / 128, (i % 128) * 2))
+        .collect::<Vec<_>>()
+        .join(",");
+    let many: &[&str] = &["--exclude-outbound-cidrs", &many];
+    for shape in shapes.into_iter().chain([many]) {
+        let args = [
+            &["apply", "--backend", "nftables", "--ipv6", "on"][..],
+            shape,
+        ]
+        .concat();
+        let native = Ns::new("nft-wire-a");
+        let by_nft = Ns::new("nft-wire-b");
+        ok(&native.shunt(&args));
+        let out = shunt_command()
+            .args(&args)
+            .args(["--netns", &by_nft.path()])
+            .env("SHUNT_NFT_WRITER", "nft")
+            .output()
+            .unwrap();
+        ok(&out);
+        let (kernel_a, text_a) = listing(&native);
+        let (kernel_b, text_b) = listing(&by_nft);
+        assert!(text_a.contains("table inet shunt"), "{text_a}");
+        let named = &shape[..shape.len().min(24)];
+        assert_eq!(text_a, text_b, "nft lists another table for {named:?}");
+        assert_eq!(
+            kernel_a, kernel_b,
+            "the kernel holds other rules for {named:?}"
+        );
+        let check = [
+            &["check", "--backend", "nftables", "--ipv6", "on"][..],
+            shape,
+        ]
+        .concat();
+        ok(&native.shunt(&check));
+    }
 }

@@ -288,7 +288,7 @@ fn dispatch(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             } else {
                 let netns = require_env("CNI_NETNS", command)?;
                 let cfg = pod_config(&conf, &netns)?;
-                let report = capture::apply(&cfg, false, None).map_err(|e| {
+                let report = capture::apply(&cfg, false).map_err(|e| {
                     let c = if e.exit_code() == crate::exit::USAGE {
                         code::INVALID_CONFIG
                     } else {

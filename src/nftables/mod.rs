@@ -22,13 +22,14 @@
 
 use ipnet::IpNet;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use crate::config::{IdRange, PortRange};
 use crate::engine::{Cleaned, Engine, EngineKind, Part};
-use crate::netfilter::{spawn_fed, spawn_tool, NetfilterError, Writer};
+use crate::netfilter::{spawn_tool, NetfilterError};
 use crate::netns::Netns;
 use crate::plan::{Family, Match, Owner, Plan, Proto, Rule, Ruleset, TableName, Target};
+
+mod wire;
 
 /// The table shunt owns; nothing outside it is ever touched.
 pub const TABLE: &str = "shunt";
@@ -68,18 +69,14 @@ const NAMED_PRIORITIES: [(&str, i32); 6] = [
     ("srcnat", 100),
 ];
 
-/// The base chain standing for one iptables built-in chain: name, type, hook, and priority:
+/// The base chain standing for one iptables built-in chain: type, hook, and priority:
 /// `offset` from the priority of the iptables table it stands for, by name where nft has one
 /// (`dstnat - 10`; none for nat at output, so that one is a number). nft lists a name only
 /// within 10 of it, so read back compares numbers ([`lines`]).
-fn base_chain(
-    table: TableName,
-    builtin: &str,
-    offset: i32,
-) -> Option<(String, &'static str, &'static str, String)> {
-    let hook = match builtin {
-        "PREROUTING" => "prerouting",
-        "OUTPUT" => "output",
+fn base_chain(table: TableName, builtin: &str, offset: i32) -> Option<Hook> {
+    let (hook, number) = match builtin {
+        "PREROUTING" => ("prerouting", 0),
+        "OUTPUT" => ("output", 3),
         _ => return None,
     };
     let (kind, name) = match (table, hook) {
@@ -92,11 +89,23 @@ fn base_chain(
         (TableName::Filter, _) => ("filter", Some("filter")),
     };
     let sign = if offset < 0 { '-' } else { '+' };
-    let prio = match name {
-        Some(name) => format!("{name} {sign} {}", offset.unsigned_abs()),
-        None => (-100 + offset).to_string(),
+    let (priority, value) = match name {
+        Some(name) => {
+            let base = NAMED_PRIORITIES.iter().find(|(n, _)| *n == name)?.1;
+            (
+                format!("{name} {sign} {}", offset.unsigned_abs()),
+                base + offset,
+            )
+        }
+        None => ((-100 + offset).to_string(), -100 + offset),
     };
-    Some((format!("{}_{hook}", table.as_str()), kind, hook, prio))
+    Some(Hook {
+        kind,
+        hook,
+        number,
+        priority,
+        value,
+    })
 }
 
 /// A priority as nft lists it (`-110`, `dstnat - 10`, `mangle + 20`), as a number. nft spells
@@ -239,18 +248,13 @@ fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
 fn ids_text(ids: &[IdRange]) -> String {
     match ids {
         [id] => id.to_string(),
-        _ => {
-            let mut ids = ids.to_vec();
-            ids.sort_by_key(|i| (i.first, i.last));
-            ids.dedup();
-            format!(
-                "{{ {} }}",
-                ids.iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
+        _ => format!(
+            "{{ {} }}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -275,81 +279,254 @@ fn mark(m: u32) -> String {
     format!("0x{m:08x}")
 }
 
-/// One rule as nft prints it; `list` replaces the match at `slot` by a set reference or an
-/// anonymous set.
-fn rule_text(
-    family: Family,
-    rule: &Rule,
-    slot: Option<(usize, &str)>,
+/// What an address match compares with: one prefix, or a named set of them.
+#[derive(Clone, Debug)]
+pub(crate) enum Addr {
+    Net(IpNet),
+    Set(String),
+}
+
+/// One statement of a rule, in the order nft lists them. [`render`] prints these and
+/// [`wire`] encodes them for the kernel, so the dry-run text and the transaction are one rule
+/// set. Lists are kept as nft keeps them: ports merged and sorted, ids sorted.
+#[derive(Clone, Debug)]
+pub(crate) enum Stmt<'a> {
+    /// `ip saddr` / `ip6 daddr` ...: the family is the rule's.
+    Addr {
+        src: bool,
+        negate: bool,
+        addr: Addr,
+    },
+    /// `iifname` / `oifname`, in iptables' spelling (`eth+` is every name starting `eth`).
+    Iface {
+        out: bool,
+        negate: bool,
+        name: &'a str,
+    },
+    Ports {
+        proto: Proto,
+        src: bool,
+        negate: bool,
+        ports: Vec<PortRange>,
+    },
+    L4proto(Proto),
+    Owner {
+        kind: Owner,
+        negate: bool,
+        ids: Vec<IdRange>,
+    },
+    CtInvalid,
+    CtEstablished,
+    Mark(u32),
+    Connmark(u32),
+    /// `meta nfproto ipv4`: a base chain handing one family to its chains.
+    Nfproto(Family),
+    Jump(String),
+    Target(&'a Target),
+}
+
+/// A rule of the `inet shunt` table: its family (the plan's half it came from) and statements.
+#[derive(Clone, Debug)]
+pub(crate) struct NftRule<'a> {
+    pub family: Family,
+    pub stmts: Vec<Stmt<'a>>,
+}
+
+/// A base chain's hook: nft's type and hook names, the hook number, and the priority as
+/// written and as a number.
+#[derive(Clone, Debug)]
+pub(crate) struct Hook {
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub number: u32,
+    pub priority: String,
+    pub value: i32,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Chain<'a> {
+    pub name: String,
+    pub hook: Option<Hook>,
+    pub rules: Vec<NftRule<'a>>,
+}
+
+/// A named interval set of one family's prefixes, aggregated.
+#[derive(Clone, Debug)]
+pub(crate) struct Set {
+    pub name: String,
+    pub family: Family,
+    pub nets: Vec<IpNet>,
+}
+
+/// The whole `inet shunt` table for a plan, in listing order: sets, the plan's chains, then
+/// the base chains in order of first use.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Table<'a> {
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain<'a>>,
+}
+
+fn ids_sorted(ids: &[IdRange]) -> Vec<IdRange> {
+    let mut ids = ids.to_vec();
+    if ids.len() > 1 {
+        ids.sort_by_key(|i| (i.first, i.last));
+        ids.dedup();
+    }
+    ids
+}
+
+/// A plan rule as statements, in nft's listing order; `listed` stands in for the match at its
+/// position (the rule's group merged into one list).
+fn stmts<'a>(
+    rule: &'a Rule,
+    mut listed: Option<(usize, Stmt<'a>)>,
     chain_of: &dyn Fn(&str) -> String,
-) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let neg = |n: bool| if n { "!= " } else { "" };
-    let listed = |i: usize| slot.filter(|(s, _)| *s == i).map(|(_, t)| t.to_string());
-    let l3 = l3(family);
-    for (i, m) in rule.matches.iter().enumerate() {
-        if let Match::Source { net, negate } = m {
-            let v = listed(i).unwrap_or_else(|| net_text(net));
-            parts.push(format!("{l3} saddr {}{v}", neg(*negate)));
+) -> Vec<Stmt<'a>> {
+    let mut own = |i: usize, s: Stmt<'a>| match listed.take() {
+        Some((at, l)) if at == i => l,
+        other => {
+            listed = other;
+            s
         }
-    }
-    for (i, m) in rule.matches.iter().enumerate() {
-        if let Match::Destination { net, negate } = m {
-            let v = listed(i).unwrap_or_else(|| net_text(net));
-            parts.push(format!("{l3} daddr {}{v}", neg(*negate)));
-        }
-    }
-    for m in &rule.matches {
-        match m {
-            Match::InInterface { name, negate } => {
-                parts.push(format!("iifname {}\"{}\"", neg(*negate), ifname(name)))
-            }
-            Match::OutInterface { name, negate } => {
-                parts.push(format!("oifname {}\"{}\"", neg(*negate), ifname(name)))
-            }
-            _ => {}
-        }
-    }
+    };
     let proto = proto_of(rule);
-    let proto_name = proto.unwrap_or(Proto::Tcp).as_str();
-    let mut header_match = false;
+    let header_proto = proto.unwrap_or(Proto::Tcp);
+    // nft lists addresses, then interfaces, then header fields, then the rest.
+    let mut rank: Vec<(u8, Stmt<'a>)> = Vec::with_capacity(rule.matches.len() + 2);
     for (i, m) in rule.matches.iter().enumerate() {
-        match m {
+        let (r, s) = match m {
+            Match::Source { net, negate } | Match::Destination { net, negate } => {
+                let src = matches!(m, Match::Source { .. });
+                let addr = Addr::Net(*net);
+                let s = Stmt::Addr {
+                    src,
+                    negate: *negate,
+                    addr,
+                };
+                (if src { 0 } else { 1 }, own(i, s))
+            }
+            Match::InInterface { name, negate } | Match::OutInterface { name, negate } => {
+                let out = matches!(m, Match::OutInterface { .. });
+                (
+                    2,
+                    Stmt::Iface {
+                        out,
+                        negate: *negate,
+                        name,
+                    },
+                )
+            }
             Match::DestinationPorts { ports, negate } => {
-                header_match = true;
-                let v = listed(i).unwrap_or_else(|| ports_text(&merge_ports(ports.clone())));
-                parts.push(format!("{proto_name} dport {}{v}", neg(*negate)));
+                let s = Stmt::Ports {
+                    proto: header_proto,
+                    src: false,
+                    negate: *negate,
+                    ports: merge_ports(ports.clone()),
+                };
+                (3, own(i, s))
             }
             Match::SourcePort(p) => {
-                header_match = true;
-                parts.push(format!("{proto_name} sport {p}"));
+                let ports = vec![PortRange {
+                    first: *p,
+                    last: *p,
+                }];
+                (
+                    3,
+                    Stmt::Ports {
+                        proto: header_proto,
+                        src: true,
+                        negate: false,
+                        ports,
+                    },
+                )
             }
-            _ => {}
-        }
+            Match::Owner { kind, id, negate } => {
+                let s = Stmt::Owner {
+                    kind: *kind,
+                    negate: *negate,
+                    ids: vec![*id],
+                };
+                (5, own(i, s))
+            }
+            Match::CtInvalid => (5, Stmt::CtInvalid),
+            Match::CtEstablished => (5, Stmt::CtEstablished),
+            Match::Mark(v) => (5, Stmt::Mark(*v)),
+            Match::Connmark(v) => (5, Stmt::Connmark(*v)),
+            Match::Protocol(_) => continue,
+        };
+        rank.push((r, s));
     }
     // nft drops an explicit `meta l4proto` that a port match already implies.
-    if let (Some(p), false) = (proto, header_match) {
-        parts.push(format!("meta l4proto {}", p.as_str()));
+    if let Some(p) = proto.filter(|_| !rank.iter().any(|(r, _)| *r == 3)) {
+        rank.push((4, Stmt::L4proto(p)));
     }
-    for (i, m) in rule.matches.iter().enumerate() {
-        match m {
-            Match::Owner { kind, id, negate } => {
-                let key = match kind {
-                    Owner::Uid => "skuid",
-                    Owner::Gid => "skgid",
-                };
-                let v = listed(i).unwrap_or_else(|| id.to_string());
-                parts.push(format!("meta {key} {}{v}", neg(*negate)));
-            }
-            Match::CtInvalid => parts.push("ct state invalid".into()),
-            Match::CtEstablished => parts.push("ct state established,related".into()),
-            Match::Mark(m) => parts.push(format!("meta mark {}", mark(*m))),
-            Match::Connmark(m) => parts.push(format!("ct mark {}", mark(*m))),
-            _ => {}
+    rank.sort_by_key(|(r, _)| *r); // stable: each kind keeps the plan's order
+    let mut out: Vec<Stmt<'a>> = rank.into_iter().map(|(_, s)| s).collect();
+    out.push(match &rule.target {
+        Target::Jump { chain } => Stmt::Jump(chain_of(chain)),
+        t => Stmt::Target(t),
+    });
+    out
+}
+
+impl NftRule<'_> {
+    /// The rule as nft lists it.
+    fn text(&self) -> String {
+        let neg = |n: bool| if n { "!= " } else { "" };
+        let l3 = l3(self.family);
+        let mut parts: Vec<String> = Vec::with_capacity(self.stmts.len());
+        for s in &self.stmts {
+            parts.push(match s {
+                Stmt::Addr { src, negate, addr } => {
+                    let dir = if *src { "saddr" } else { "daddr" };
+                    let v = match addr {
+                        Addr::Net(n) => net_text(n),
+                        Addr::Set(name) => format!("@{name}"),
+                    };
+                    format!("{l3} {dir} {}{v}", neg(*negate))
+                }
+                Stmt::Iface { out, negate, name } => {
+                    let key = if *out { "oifname" } else { "iifname" };
+                    format!("{key} {}\"{}\"", neg(*negate), ifname(name))
+                }
+                Stmt::Ports {
+                    proto,
+                    src,
+                    negate,
+                    ports,
+                } => {
+                    let dir = if *src { "sport" } else { "dport" };
+                    format!(
+                        "{} {dir} {}{}",
+                        proto.as_str(),
+                        neg(*negate),
+                        ports_text(ports)
+                    )
+                }
+                Stmt::L4proto(p) => format!("meta l4proto {}", p.as_str()),
+                Stmt::Owner { kind, negate, ids } => {
+                    let key = match kind {
+                        Owner::Uid => "skuid",
+                        Owner::Gid => "skgid",
+                    };
+                    format!("meta {key} {}{}", neg(*negate), ids_text(ids))
+                }
+                Stmt::CtInvalid => "ct state invalid".into(),
+                Stmt::CtEstablished => "ct state established,related".into(),
+                Stmt::Mark(m) => format!("meta mark {}", mark(*m)),
+                Stmt::Connmark(m) => format!("ct mark {}", mark(*m)),
+                Stmt::Nfproto(f) => format!("meta nfproto {}", nfproto(*f)),
+                Stmt::Jump(chain) => format!("jump {chain}"),
+                Stmt::Target(t) => target_text(self.family, t),
+            });
         }
+        parts.join(" ")
     }
-    parts.push(match &rule.target {
-        Target::Jump { chain } => format!("jump {}", chain_of(chain)),
+}
+
+fn target_text(family: Family, target: &Target) -> String {
+    match target {
+        Target::Jump { chain } => format!("jump {chain}"),
         Target::Return => "return".into(),
         Target::Redirect { to_port } => format!("redirect to :{to_port}"),
         Target::Drop => "drop".into(),
@@ -358,40 +535,33 @@ fn rule_text(
         Target::SetMark { mark: m } => format!("meta mark set {}", mark(*m)),
         Target::SaveMark => "ct mark set meta mark".into(),
         Target::RestoreMark => "meta mark set ct mark".into(),
-        Target::Tproxy { to_port, mark: m } => {
-            format!(
-                "tproxy {l3} to :{to_port} meta mark set {} accept",
-                mark(*m)
-            )
-        }
-    });
-    parts.join(" ")
+        Target::Tproxy { to_port, mark: m } => format!(
+            "tproxy {} to :{to_port} meta mark set {} accept",
+            l3(family),
+            mark(*m)
+        ),
+    }
 }
 
-struct Set {
-    name: String,
-    family: Family,
-    nets: Vec<IpNet>,
+/// The `inet shunt` table for a plan, as typed values.
+pub(crate) fn table(plan: &Plan) -> Table<'_> {
+    let mut t = Table::default();
+    let mut bases: Vec<Chain> = Vec::new();
+    for rs in plan.families() {
+        family_chains(rs, plan.nft_priority_offset, &mut t, &mut bases);
+    }
+    t.chains.append(&mut bases);
+    t
 }
 
 /// The `inet shunt` table for a plan, exactly as `nft list table inet shunt` prints it.
 pub fn render(plan: &Plan) -> String {
-    let mut sets: Vec<Set> = Vec::new();
-    let mut chains: Vec<(String, Vec<String>)> = Vec::new();
-    // (base chain, its header) in the order of first use, with the per-family dispatch rules.
-    let mut bases: Vec<(String, String, Vec<String>)> = Vec::new();
-    for rs in plan.families() {
-        family_chains(
-            rs,
-            plan.nft_priority_offset,
-            &mut sets,
-            &mut chains,
-            &mut bases,
-        );
-    }
-    let mut out = format!("table inet {TABLE} {{\n");
-    let mut blocks: Vec<String> = Vec::new();
-    for s in &sets {
+    text(&table(plan))
+}
+
+fn text(t: &Table) -> String {
+    let mut blocks: Vec<String> = Vec::with_capacity(t.sets.len() + t.chains.len());
+    for s in &t.sets {
         let kind = match s.family {
             Family::V4 => "ipv4_addr",
             Family::V6 => "ipv6_addr",
@@ -403,97 +573,123 @@ pub fn render(plan: &Plan) -> String {
             elems.join(", ")
         ));
     }
-    for (name, rules) in &chains {
-        let mut b = format!("\tchain {name} {{\n");
-        for r in rules {
-            let _ = writeln!(b, "\t\t{r}");
+    for c in &t.chains {
+        let mut b = format!("\tchain {} {{\n", c.name);
+        if let Some(h) = &c.hook {
+            let _ = writeln!(
+                b,
+                "\t\ttype {} hook {} priority {}; policy accept;",
+                h.kind, h.hook, h.priority
+            );
+        }
+        for r in &c.rules {
+            let _ = writeln!(b, "\t\t{}", r.text());
         }
         b.push_str("\t}\n");
         blocks.push(b);
     }
-    for (name, header, rules) in &bases {
-        let mut b = format!("\tchain {name} {{\n\t\t{header}\n");
-        for r in rules {
-            let _ = writeln!(b, "\t\t{r}");
-        }
-        b.push_str("\t}\n");
-        blocks.push(b);
-    }
+    let mut out = format!("table inet {TABLE} {{\n");
     out.push_str(&blocks.join("\n"));
     out.push_str("}\n");
     out
 }
 
-fn family_chains(
-    rs: &Ruleset,
+fn family_chains<'a>(
+    rs: &'a Ruleset,
     priority_offset: i32,
-    sets: &mut Vec<Set>,
-    chains: &mut Vec<(String, Vec<String>)>,
-    bases: &mut Vec<(String, String, Vec<String>)>,
+    t: &mut Table<'a>,
+    bases: &mut Vec<Chain<'a>>,
 ) {
     let f = rs.family;
     for table in &rs.tables {
-        let t = table.name.as_str();
-        let chain_of = |c: &str| format!("{}_{t}_{c}", fam_name(f));
+        let tn = table.name.as_str();
+        let chain_of = |c: &str| format!("{}_{tn}_{c}", fam_name(f));
         for chain in &table.chains {
             let name = chain_of(&chain.name);
-            let mut lines = Vec::new();
+            let mut rules = Vec::with_capacity(chain.rules.len());
             for (n, (run, slot)) in groups(&chain.rules).into_iter().enumerate() {
-                let Some(i) = slot else {
-                    lines.push(rule_text(f, &run[0], None, &chain_of));
-                    continue;
-                };
-                let list = match &run[0].matches[i] {
-                    Match::Source { .. } | Match::Destination { .. } => {
-                        let mut nets: Vec<IpNet> = Vec::with_capacity(run.len());
-                        nets.extend(run.iter().filter_map(|r| match &r.matches[i] {
-                            Match::Source { net, .. } | Match::Destination { net, .. } => {
-                                Some(net.trunc())
-                            }
-                            _ => None,
-                        }));
-                        let set = format!("{name}_{n}");
-                        sets.push(Set {
-                            name: set.clone(),
-                            family: f,
-                            nets: IpNet::aggregate(&nets),
-                        });
-                        format!("@{set}")
-                    }
-                    Match::DestinationPorts { .. } => ports_text(&merge_ports(
-                        run.iter()
-                            .flat_map(|r| match &r.matches[i] {
-                                Match::DestinationPorts { ports, .. } => ports.clone(),
-                                _ => vec![],
-                            })
-                            .collect(),
-                    )),
-                    _ => ids_text(
-                        &run.iter()
-                            .filter_map(|r| match &r.matches[i] {
-                                Match::Owner { id, .. } => Some(*id),
+                let listed = slot.map(|i| {
+                    let s = match &run[0].matches[i] {
+                        Match::Source { .. } | Match::Destination { .. } => {
+                            let mut nets: Vec<IpNet> = Vec::with_capacity(run.len());
+                            nets.extend(run.iter().filter_map(|r| match &r.matches[i] {
+                                Match::Source { net, .. } | Match::Destination { net, .. } => {
+                                    Some(net.trunc())
+                                }
                                 _ => None,
-                            })
-                            .collect::<Vec<_>>(),
-                    ),
-                };
-                lines.push(rule_text(f, &run[0], Some((i, &list)), &chain_of));
+                            }));
+                            let set = format!("{name}_{n}");
+                            t.sets.push(Set {
+                                name: set.clone(),
+                                family: f,
+                                nets: IpNet::aggregate(&nets),
+                            });
+                            let src = matches!(run[0].matches[i], Match::Source { .. });
+                            Stmt::Addr {
+                                src,
+                                negate: false,
+                                addr: Addr::Set(set),
+                            }
+                        }
+                        Match::DestinationPorts { .. } => Stmt::Ports {
+                            proto: proto_of(&run[0]).unwrap_or(Proto::Tcp),
+                            src: false,
+                            negate: false,
+                            ports: merge_ports(
+                                run.iter()
+                                    .flat_map(|r| match &r.matches[i] {
+                                        Match::DestinationPorts { ports, .. } => ports.clone(),
+                                        _ => vec![],
+                                    })
+                                    .collect(),
+                            ),
+                        },
+                        m => Stmt::Owner {
+                            kind: match m {
+                                Match::Owner { kind, .. } => *kind,
+                                _ => Owner::Uid,
+                            },
+                            negate: false,
+                            ids: ids_sorted(
+                                &run.iter()
+                                    .filter_map(|r| match &r.matches[i] {
+                                        Match::Owner { id, .. } => Some(*id),
+                                        _ => None,
+                                    })
+                                    .collect::<Vec<_>>(),
+                            ),
+                        },
+                    };
+                    (i, s)
+                });
+                rules.push(NftRule {
+                    family: f,
+                    stmts: stmts(&run[0], listed, &chain_of),
+                });
             }
-            chains.push((name.clone(), lines));
-            if chain.builtin {
-                if let Some((base, kind, hook, prio)) =
-                    base_chain(table.name, &chain.name, priority_offset)
-                {
-                    let dispatch = format!("meta nfproto {} jump {name}", nfproto(f));
-                    match bases.iter_mut().find(|(b, _, _)| *b == base) {
-                        Some((_, _, rules)) => rules.push(dispatch),
-                        None => bases.push((
-                            base,
-                            format!("type {kind} hook {hook} priority {prio}; policy accept;"),
-                            vec![dispatch],
-                        )),
-                    }
-                }
+            t.chains.push(Chain {
+                name: name.clone(),
+                hook: None,
+                rules,
+            });
+            if !chain.builtin {
+                continue;
+            }
+            let Some(hook) = base_chain(table.name, &chain.name, priority_offset) else {
+                continue;
+            };
+            let base = format!("{tn}_{}", hook.hook);
+            let dispatch = NftRule {
+                family: f,
+                stmts: vec![Stmt::Nfproto(f), Stmt::Jump(name)],
+            };
+            match bases.iter_mut().find(|b| b.name == base) {
+                Some(b) => b.rules.push(dispatch),
+                None => bases.push(Chain {
+                    name: base,
+                    hook: Some(hook),
+                    rules: vec![dispatch],
+                }),
             }
         }
     }
@@ -501,11 +697,7 @@ fn family_chains(
 
 /// The names of the chains `render` writes for the plan, base chains included.
 pub fn chain_names(plan: &Plan) -> Vec<String> {
-    render(plan)
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {"))
-        .map(str::to_string)
-        .collect()
+    table(plan).chains.into_iter().map(|c| c.name).collect()
 }
 
 /// The transaction that replaces the whole table: the kernel holds the old table or the new
@@ -603,11 +795,6 @@ pub fn list(ns: Option<&Netns>) -> Result<Reading, NetfilterError> {
 }
 
 impl Reading {
-    /// Whether the kernel has already said there is no table (nothing is being read).
-    fn absent(&self) -> bool {
-        self.0.is_none()
-    }
-
     /// The table as listed, or `None` when there is none.
     pub fn finish(self) -> Result<Option<String>, NetfilterError> {
         let Some(run) = self.0 else {
@@ -628,6 +815,23 @@ impl Reading {
 /// shunt's table as installed, or `None` when there is none.
 pub fn read(ns: Option<&Netns>) -> Result<Option<String>, NetfilterError> {
     list(ns)?.finish()
+}
+
+/// Whether transactions are written over netlink (the default) or through `nft -f -`
+/// (`SHUNT_NFT_WRITER=nft`: the same table, for comparing or working around a kernel that
+/// takes nft's encoding and not shunt's).
+pub fn native_writer() -> bool {
+    std::env::var_os("SHUNT_NFT_WRITER").map_or(true, |v| v != "nft")
+}
+
+/// Commits a batch in the namespace.
+fn commit(batch: crate::netlink::Batch, ns: Option<&Netns>) -> Result<(), NetfilterError> {
+    let (messages, bytes) = batch.size();
+    tracing::debug!(messages, bytes, "nf_tables transaction over netlink");
+    crate::netlink::commit(ns, batch)?.map_err(|r| NetfilterError::Refused {
+        what: r.what,
+        source: r.source,
+    })
 }
 
 /// Runs an `nft -f -` transaction.
@@ -652,35 +856,6 @@ pub fn marks(listing: &str) -> Vec<u32> {
     out
 }
 
-/// `nft -f -`, started before the options were all read.
-pub struct HeadStart {
-    netns: Option<PathBuf>,
-    writer: Writer,
-}
-
-/// Starts `nft -f -` in `netns` when the kernel says it has no `inet shunt` table, so that
-/// nft's start (eleven shared libraries) overlaps reading the config file; see
-/// [`crate::capture::apply`]. Fed nothing (the table was there after all, or the options were
-/// refused), it does nothing. Any failure here is left for the apply proper to report.
-pub fn head_start(netns: Option<&Path>) -> Option<HeadStart> {
-    let ns = netns.map(Netns::open).transpose().ok()?;
-    if !absent(ns.as_ref()) {
-        return None;
-    }
-    let writer = spawn_fed("nft", &["-f", "-"], ns.as_ref()).ok()?;
-    Some(HeadStart {
-        netns: netns.map(Path::to_path_buf),
-        writer,
-    })
-}
-
-impl HeadStart {
-    /// The writer, when it was started in `netns`.
-    pub fn take_for(self, netns: Option<&Path>) -> Option<Writer> {
-        (self.netns.as_deref() == netns).then_some(self.writer)
-    }
-}
-
 // === The engine ===
 
 /// shunt's `inet shunt` table in one namespace.
@@ -690,8 +865,8 @@ pub struct Nftables {
     reading: Option<Reading>,
     /// The listing read once per command: `Some(None)` when there is no table.
     listing: Option<Option<String>>,
-    /// `nft -f -`, started by [`Engine::prestart`] before the transaction was ready.
-    writer: Option<Writer>,
+    /// Transactions go over netlink, not through `nft -f -` ([`native_writer`]).
+    native: bool,
 }
 
 impl Nftables {
@@ -702,6 +877,11 @@ impl Nftables {
         ns: Option<Netns>,
         known: Option<Option<String>>,
     ) -> Result<Nftables, NetfilterError> {
+        // Read back, check and clean list the table with nft: refuse at once without it, not
+        // on the second apply.
+        if crate::netfilter::find_tool("nft").is_none() {
+            return Err(NetfilterError::MissingTool { tool: "nft".into() });
+        }
         let reading = match known {
             Some(_) => None,
             None => Some(list(ns.as_ref())?),
@@ -710,7 +890,7 @@ impl Nftables {
             ns,
             reading,
             listing: known,
-            writer: None,
+            native: native_writer(),
         })
     }
 
@@ -743,27 +923,13 @@ impl Engine for Nftables {
         Ok(self.installed()?.map(|t| marks(&t)).unwrap_or_default())
     }
 
-    fn prestart(&mut self, early: Option<Writer>) {
-        let absent = match (&self.reading, &self.listing) {
-            (Some(reading), _) => reading.absent(),
-            (None, Some(listing)) => listing.is_none(),
-            (None, None) => false,
-        };
-        // A transaction is certain when there is no table; a failure to start is left for
-        // `converge` to report.
-        if absent && self.writer.is_none() {
-            self.writer = early.or_else(|| spawn_fed("nft", &["-f", "-"], self.ns.as_ref()).ok());
-        }
-    }
-
     fn converge(
         &mut self,
         plan: &Plan,
         dry_run: bool,
     ) -> Result<Vec<(Part, String)>, NetfilterError> {
-        let want = render(plan);
-        // Dropped unfed (a dry run, or nothing to do), the early writer does nothing.
-        let writer = self.writer.take();
+        let table = table(plan);
+        let want = text(&table);
         if let Some(now) = self.installed()? {
             let now = lines(&now);
             if now == lines(&want) || as_listed(&want).is_some_and(|l| lines(&l) == now) {
@@ -772,14 +938,18 @@ impl Engine for Nftables {
         }
         let script = transaction_of(&want);
         if !dry_run {
-            let done = match writer {
-                Some((running, feed)) => {
-                    feed.send(script.clone());
-                    running.wait().map(drop)
+            if self.native {
+                #[allow(unused_mut)]
+                let mut batch = wire::transaction(&table);
+                // Tests make the kernel refuse the batch at its very end (debug builds only).
+                #[cfg(debug_assertions)]
+                if std::env::var_os("SHUNT_TEST_NFT_BAD_ELEMENT").is_some() {
+                    wire::bad_element(&mut batch);
                 }
-                None => run(&script, self.ns.as_ref()),
-            };
-            done.map_err(|e| self.explain(e))?;
+                commit(batch, self.ns.as_ref())?;
+            } else {
+                run(&script, self.ns.as_ref()).map_err(|e| self.explain(e))?;
+            }
             self.listing = None;
         }
         Ok(vec![(Part::Inet, script)])
@@ -810,7 +980,12 @@ impl Engine for Nftables {
             Ok(Some(text)) => {
                 out.marks = marks(&text);
                 let script = format!("delete table inet {TABLE}\n");
-                match run(&script, self.ns.as_ref()) {
+                let done = if self.native {
+                    commit(wire::delete(), self.ns.as_ref())
+                } else {
+                    run(&script, self.ns.as_ref())
+                };
+                match done {
                     Ok(()) => out.removed.push((Part::Inet, script)),
                     Err(e) => out.errors.push(format!("nftables: {e}")),
                 }
@@ -843,8 +1018,13 @@ mod tests {
         ];
         for offset in (-49..=49).filter(|o| *o != 0) {
             for (table, builtin, base) in bases {
-                let (_, _, _, prio) = base_chain(table, builtin, offset).expect("a base chain");
-                assert_eq!(priority_value(&prio), Some(base + offset), "{prio}");
+                let hook = base_chain(table, builtin, offset).expect("a base chain");
+                assert_eq!(
+                    priority_value(&hook.priority),
+                    Some(base + offset),
+                    "{hook:?}"
+                );
+                assert_eq!(hook.value, base + offset, "{hook:?}");
             }
         }
         // nft lists one priority either way; both compare as the same line.
