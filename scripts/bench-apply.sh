@@ -98,13 +98,20 @@ bare_nft() { ip netns exec "$1" nft -f "$work/nft"; }
 bench() { # $1 = label, $2 = extra shunt flags (also given to render), $3 = apply-only flags
   split_rules "$2"
   paired bare_restore "$2 ${3:---backend nft}"
-  fresh_ns
   # shellcheck disable=SC2086
-  # An exec on one thread while another runs is logged in two lines (unfinished, resumed).
-  procs=$(strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on $2 ${3:---backend nft} && grep -cE '(execve\(|<\.\.\. execve resumed>).* = 0$' "$work/strace")
+  procs=$(count_procs $2 ${3:---backend nft})
   rules=$(grep -c '^-A' "$work/all")
   printf '%-28s %6d rules  bare %7.2f ms  shunt %7.2f ms  ratio %.2fx  processes started by shunt: %d\n' \
-    "$1" "$rules" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)" "$((procs - 1))"
+    "$1" "$rules" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)" "$procs"
+}
+
+# The processes one `shunt apply --ipv6 on "$@"` into a fresh namespace starts (strace), shunt
+# itself not counted. An exec on one thread while another runs is logged in two lines
+# (unfinished, resumed).
+count_procs() {
+  fresh_ns
+  strace -f -qq -e trace=execve -o "$work/strace" "$SHUNT" -q apply --netns "/run/netns/$ns" --ipv6 on "$@"
+  echo $(($(grep -cE '(execve\(|<\.\.\. execve resumed>).* = 0$' "$work/strace") - 1))
 }
 
 command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
@@ -120,8 +127,10 @@ bench_nft() { # $1 = label, $2 = extra shunt flags
   # shellcheck disable=SC2086
   "$SHUNT" render --backend nftables --ipv6 on $2 > "$work/nft"
   paired bare_nft "--backend nftables $2"
-  printf '%-28s nftables  bare nft -f %7.2f ms  shunt %7.2f ms  ratio %.2fx\n' \
-    "$1" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)"
+  # shellcheck disable=SC2086
+  procs=$(count_procs --backend nftables $2)
+  printf '%-28s nftables  bare nft -f %7.2f ms  shunt %7.2f ms  ratio %.2fx  processes started by shunt: %d\n' \
+    "$1" "$(echo "$b/1000000" | bc -l)" "$(echo "$o/1000000" | bc -l)" "$(echo "$o/$b" | bc -l)" "$procs"
 }
 # 10,000 CIDRs do not fit in one argument (128 KiB): they go in a config file.
 many=$(for i in $(seq 0 9999); do printf '10.%d.%d.0/24,' $((i / 250 + 100)) $((i % 250)); done)
