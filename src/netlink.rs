@@ -313,7 +313,7 @@ fn commit_here(bytes: &[u8], what: &[String]) -> Result<(), Refused> {
                 if code != 0 {
                     let what = match seq.checked_sub(1).and_then(|i| what.get(i)) {
                         Some(w) => w.as_str(),
-                        None => "the commit",
+                        None => "the batch",
                     };
                     return Err(refused(what, io::Error::from_raw_os_error(-code)));
                 }
