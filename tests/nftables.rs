@@ -784,6 +784,9 @@ fn the_netlink_writer_installs_what_nft_installs_for_every_plan_shape() {
             "8001",
             "--proxy-gid",
             "1,2,3",
+            // Every interface: iptables' `+`, which nft cannot spell.
+            "--exclude-interfaces",
+            "+",
         ],
     ];
     let listing = |ns: &Ns| {

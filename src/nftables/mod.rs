@@ -405,6 +405,17 @@ fn stmts<'a>(
                 };
                 (if src { 0 } else { 1 }, own(i, s))
             }
+            // iptables' lone `+` is every interface; nft refuses an all-wildcard name, and
+            // where shunt matches interfaces (prerouting's input, output's route) every
+            // packet has one: the match is always true and is left out.
+            Match::InInterface {
+                name,
+                negate: false,
+            }
+            | Match::OutInterface {
+                name,
+                negate: false,
+            } if name == "+" => continue,
             Match::InInterface { name, negate } | Match::OutInterface { name, negate } => {
                 let out = matches!(m, Match::OutInterface { .. });
                 (
