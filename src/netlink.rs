@@ -153,6 +153,10 @@ impl Attrs {
     }
 
     pub fn end(&mut self, at: usize) {
+        debug_assert!(
+            self.0.len() - at <= usize::from(u16::MAX),
+            "a nest over 64 KiB"
+        );
         let len = (self.0.len() - at) as u16;
         self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
@@ -207,14 +211,8 @@ impl Batch {
 
     /// Starts an nf_tables message (`NFT_MSG_*` `kind`) for `family`; write its attributes
     /// into the result, then call [`Batch::finish`].
-    pub fn message(
-        &mut self,
-        kind: u8,
-        family: u8,
-        flags: u16,
-        what: impl FnOnce() -> String,
-    ) -> &mut Attrs {
-        self.what.push(what());
+    pub fn message(&mut self, kind: u8, family: u8, flags: u16, what: String) -> &mut Attrs {
+        self.what.push(what);
         let seq = self.what.len() as u32;
         let buf = &mut self.attrs.0;
         self.start = buf.len();
@@ -266,18 +264,19 @@ fn commit_here(bytes: &[u8], what: &[String]) -> Result<(), Refused> {
         SockProtocol::NetlinkNetFilter,
     )
     .map_err(socket_error)?;
-    // An error echoes only the refused message's header, not a 64 KiB element list.
+    // An error echoes only the refused message's header, not a 64 KiB element list. Where
+    // the kernel will not (before 4.3), the receive buffer below holds a whole echo.
     let one: nix::libc::c_int = 1;
     // SAFETY: a valid socket and a pointer to a c_int that outlives the call.
-    unsafe {
+    let capped = unsafe {
         nix::libc::setsockopt(
             fd.as_raw_fd(),
             SOL_NETLINK,
             NETLINK_CAP_ACK,
             (&one as *const nix::libc::c_int).cast(),
             std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-        );
-    }
+        )
+    } == 0;
     // The kernel refuses a message larger than the send buffer (10,000 CIDRs are 0.5 MB).
     if bytes.len() > 128 * 1024 {
         use nix::sys::socket::{setsockopt, sockopt};
@@ -292,35 +291,52 @@ fn commit_here(bytes: &[u8], what: &[String]) -> Result<(), Refused> {
     .map_err(|e| refused("the transaction", io::Error::from(e)))?;
     // The batch is applied, or refused, inside sendto: any refusal is already queued. Nothing
     // queued means it was applied (no message asks for an acknowledgement).
-    let mut buf = vec![0u8; 8192];
+    let mut buf = vec![0u8; if capped { 8192 } else { 128 * 1024 }];
     loop {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
             Ok(n) => n,
             Err(nix::errno::Errno::EAGAIN) => return Ok(()),
             Err(e) => return Err(refused("the transaction", io::Error::from(e))),
         };
-        let mut data = &buf[..n];
-        while data.len() >= HEADER {
-            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-            let kind = u16::from_ne_bytes([data[4], data[5]]);
-            if len < HEADER || len > data.len() {
-                break;
-            }
-            let body = &data[HEADER..len];
-            if kind == NLMSG_ERROR && body.len() >= 4 + HEADER {
-                let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
-                let seq = u32::from_ne_bytes([body[12], body[13], body[14], body[15]]) as usize;
-                if code != 0 {
-                    let what = match seq.checked_sub(1).and_then(|i| what.get(i)) {
-                        Some(w) => w.as_str(),
-                        None => "the batch",
-                    };
-                    return Err(refused(what, io::Error::from_raw_os_error(-code)));
-                }
-            }
-            data = &data[align(len).min(data.len())..];
+        if let Some((seq, code)) = first_error(&buf[..n]) {
+            let what = match seq.checked_sub(1).and_then(|i| what.get(i as usize)) {
+                Some(w) => w.as_str(),
+                None => "the batch",
+            };
+            return Err(refused(what, code));
         }
     }
+}
+
+/// The first refusal in the kernel's answers to a batch: the refused message's sequence
+/// number (0 when it cannot be read) and the error. Anything that is not a well-formed
+/// acknowledgement counts as a refusal: a batch is applied only when nothing says otherwise.
+fn first_error(mut data: &[u8]) -> Option<(u32, io::Error)> {
+    let unreadable = || io::Error::new(io::ErrorKind::InvalidData, "an unreadable netlink answer");
+    while !data.is_empty() {
+        if data.len() < HEADER {
+            return Some((0, unreadable()));
+        }
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        // A truncated echo still starts with the errno and the refused header.
+        let body = &data[HEADER.min(data.len())..len.clamp(HEADER, data.len())];
+        let code = body
+            .get(..4)
+            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        let seq = body
+            .get(12..16)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        match (kind, code) {
+            (NLMSG_ERROR, Some(0)) if len >= HEADER && len <= data.len() => {}
+            (NLMSG_ERROR, Some(code)) if code != 0 => {
+                return Some((seq, io::Error::from_raw_os_error(-code)))
+            }
+            _ => return Some((seq, unreadable())),
+        }
+        data = &data[align(len).min(data.len())..];
+    }
+    None
 }
 
 fn header(kind: u16, flags: u16) -> Vec<u8> {
@@ -335,6 +351,7 @@ fn header(kind: u16, flags: u16) -> Vec<u8> {
 
 fn attribute(msg: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let len = 4 + value.len();
+    debug_assert!(len <= usize::from(u16::MAX), "an attribute over 64 KiB");
     msg.extend_from_slice(&(len as u16).to_ne_bytes());
     msg.extend_from_slice(&kind.to_ne_bytes());
     msg.extend_from_slice(value);
@@ -427,6 +444,33 @@ fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(kind: u16, code: i32, seq: u32, len: Option<u32>) -> Vec<u8> {
+        let mut m = header(kind, 0);
+        m.extend_from_slice(&code.to_ne_bytes());
+        let mut echoed = header(10 << 8 | 6, 0);
+        echoed[8..12].copy_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&echoed);
+        let n = len.unwrap_or(m.len() as u32);
+        m[..4].copy_from_slice(&n.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn a_refusal_is_found_even_truncated_and_an_ack_is_not_one() {
+        assert!(first_error(&answer(NLMSG_ERROR, 0, 3, None)).is_none());
+        let (seq, e) = first_error(&answer(NLMSG_ERROR, -2, 7, None)).expect("a refusal");
+        assert_eq!((seq, e.raw_os_error()), (7, Some(2)));
+        // An echo longer than the buffer: cut, but the errno and the sequence are there.
+        let (seq, e) = first_error(&answer(NLMSG_ERROR, -22, 9, Some(70_000))).expect("cut");
+        assert_eq!((seq, e.raw_os_error()), (9, Some(22)));
+        // Anything else, or a message too short to read, is not taken for success.
+        assert!(first_error(&answer(NLMSG_DONE, 0, 1, None)).is_some());
+        assert!(first_error(&[1, 2, 3]).is_some());
+        let mut two = answer(NLMSG_ERROR, 0, 1, None);
+        two.extend(answer(NLMSG_ERROR, -1, 2, None));
+        assert_eq!(first_error(&two).map(|(s, _)| s), Some(2));
+    }
 
     #[test]
     fn attributes_are_read_back_as_written() {

@@ -756,6 +756,9 @@ fn the_netlink_writer_installs_what_nft_installs_for_every_plan_shape() {
             "7",
             "--proxy-gid",
             "5,7,9-12",
+            // Overlapping and touching ranges: one merged interval set.
+            "--proxy-uid",
+            "1000-2000,1500,3000-3999,4000-4999",
             "--exclude-outbound-ports",
             "65535,1-5",
             "--drop-invalid",

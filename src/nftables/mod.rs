@@ -366,13 +366,20 @@ pub(crate) struct Table<'a> {
     pub chains: Vec<Chain<'a>>,
 }
 
-fn ids_sorted(ids: &[IdRange]) -> Vec<IdRange> {
-    let mut ids = ids.to_vec();
-    if ids.len() > 1 {
-        ids.sort_by_key(|i| (i.first, i.last));
-        ids.dedup();
+/// Overlapping or touching id ranges joined, sorted: nft merges an anonymous interval set's
+/// elements, so what it lists (and what the kernel takes) is the merged list.
+fn merge_ids(mut ids: Vec<IdRange>) -> Vec<IdRange> {
+    ids.sort_by_key(|i| (i.first, i.last));
+    let mut out: Vec<IdRange> = Vec::with_capacity(ids.len());
+    for i in ids {
+        match out.last_mut() {
+            Some(last) if u64::from(i.first) <= u64::from(last.last) + 1 => {
+                last.last = last.last.max(i.last)
+            }
+            _ => out.push(i),
+        }
     }
-    ids
+    out
 }
 
 /// A plan rule as statements, in nft's listing order; `listed` stands in for the match at its
@@ -661,13 +668,13 @@ fn family_chains<'a>(
                                 _ => Owner::Uid,
                             },
                             negate: false,
-                            ids: ids_sorted(
-                                &run.iter()
+                            ids: merge_ids(
+                                run.iter()
                                     .filter_map(|r| match &r.matches[i] {
                                         Match::Owner { id, .. } => Some(*id),
                                         _ => None,
                                     })
-                                    .collect::<Vec<_>>(),
+                                    .collect(),
                             ),
                         },
                     };

@@ -70,8 +70,22 @@ const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_SERVICE: u32 = 13;
 const TYPE_UID: u32 = 24;
 const TYPE_GID: u32 = 25;
-/// A set element's userdata for an interval that runs to the last key (it has no end).
-const ELEM_OPEN: [u8; 6] = [1, 4, 1, 0, 0, 0];
+// libnftnl's userdata records (udata.h): how nft prints a set's keys.
+const UDATA_KEY_BYTEORDER: u8 = 0;
+const UDATA_MERGE_ELEMENTS: u8 = 2;
+const UDATA_KEY_TYPEOF: u8 = 3;
+const UDATA_ELEM_FLAGS: u8 = 1;
+const UDATA_ELEM_INTERVAL_OPEN: u32 = 1;
+const BYTEORDER_HOST: u32 = 1;
+const BYTEORDER_BIG_ENDIAN: u32 = 2;
+/// nft's expression kinds, as a set's `typeof`.
+const EXPR_PAYLOAD: u32 = 7;
+const EXPR_META: u32 = 9;
+/// nft's protocol descriptions, as a payload `typeof`.
+const PROTO_DESC_UDP: u32 = 6;
+const PROTO_DESC_TCP: u32 = 8;
+/// The destination port field of tcp and udp.
+const PORT_DPORT: u32 = 2;
 /// A set's NFTA_SET_ELEM_LIST_ELEMENTS is one attribute, at most 64 KiB: larger sets are sent
 /// in several messages of this many elements.
 const ELEMS_PER_MESSAGE: usize = 1024;
@@ -84,7 +98,7 @@ pub fn transaction(t: &Table) -> Batch {
     table_msg(&mut b, NEWTABLE, NLM_F_CREATE, "table");
     let mut w = Writer { b, set_id: 0 };
     for c in &t.chains {
-        let a = w.msg(NEWCHAIN, NLM_F_CREATE, || format!("chain {}", c.name));
+        let a = w.msg(NEWCHAIN, NLM_F_CREATE, format!("chain {}", c.name));
         a.str(1, TABLE); // NFTA_CHAIN_TABLE
         a.str(3, &c.name); // NFTA_CHAIN_NAME
         if let Some(h) = &c.hook {
@@ -103,10 +117,9 @@ pub fn transaction(t: &Table) -> Batch {
             Family::V4 => (TYPE_IPADDR, 4),
             Family::V6 => (TYPE_IP6ADDR, 16),
         };
-        // nft's udata: the key is in network byte order.
-        let udata = [0, 4, 2, 0, 0, 0];
+        let udata = Udata::default().u32(UDATA_KEY_BYTEORDER, BYTEORDER_BIG_ENDIAN);
         let elems = s.nets.iter().map(net_interval).collect::<Vec<_>>();
-        let id = w.set(&s.name, SET_INTERVAL, kind, len, None, &udata, &elems);
+        let id = w.set(&s.name, SET_INTERVAL, kind, len, None, &udata.0, &elems);
         named.push((s.name.as_str(), id));
     }
     for c in &t.chains {
@@ -128,9 +141,12 @@ pub fn delete() -> Batch {
 /// batch at its last message. For tests of a refused transaction.
 #[cfg(debug_assertions)]
 pub fn bad_element(b: &mut Batch) {
-    let a = b.message(NEWSETELEM, NFPROTO_INET, NLM_F_CREATE, || {
-        "elements of set no_such_set".into()
-    });
+    let a = b.message(
+        NEWSETELEM,
+        NFPROTO_INET,
+        NLM_F_CREATE,
+        "elements of set no_such_set".into(),
+    );
     a.str(1, TABLE);
     a.str(2, "no_such_set");
     let list = a.nest(3);
@@ -142,7 +158,7 @@ pub fn bad_element(b: &mut Batch) {
 }
 
 fn table_msg(b: &mut Batch, kind: u8, flags: u16, what: &str) {
-    let a = b.message(kind, NFPROTO_INET, flags, || format!("{what} inet {TABLE}"));
+    let a = b.message(kind, NFPROTO_INET, flags, format!("{what} inet {TABLE}"));
     a.str(1, TABLE); // NFTA_TABLE_NAME
     if kind == NEWTABLE {
         a.u32(2, 0); // NFTA_TABLE_FLAGS
@@ -195,7 +211,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn msg(&mut self, kind: u8, flags: u16, what: impl FnOnce() -> String) -> &mut Attrs {
+    fn msg(&mut self, kind: u8, flags: u16, what: String) -> &mut Attrs {
         self.b.message(kind, NFPROTO_INET, flags, what)
     }
 
@@ -214,7 +230,7 @@ impl Writer {
     ) -> u32 {
         self.set_id += 1;
         let id = self.set_id;
-        let a = self.msg(NEWSET, NLM_F_CREATE, || format!("set {name}"));
+        let a = self.msg(NEWSET, NLM_F_CREATE, format!("set {name}"));
         a.str(1, TABLE); // NFTA_SET_TABLE
         a.str(2, name); // NFTA_SET_NAME
         a.u32(3, flags);
@@ -248,9 +264,7 @@ impl Writer {
             }
         }
         for chunk in keys.chunks(ELEMS_PER_MESSAGE) {
-            let a = self.msg(NEWSETELEM, NLM_F_CREATE, || {
-                format!("elements of set {name}")
-            });
+            let a = self.msg(NEWSETELEM, NLM_F_CREATE, format!("elements of set {name}"));
             a.str(1, TABLE); // NFTA_SET_ELEM_LIST_TABLE
             a.str(2, name); // NFTA_SET_ELEM_LIST_SET
             a.u32(4, id); // NFTA_SET_ELEM_LIST_SET_ID
@@ -264,7 +278,8 @@ impl Writer {
                 a.bytes(1, key); // NFTA_DATA_VALUE
                 a.end(k);
                 if *open {
-                    a.bytes(6, &ELEM_OPEN); // NFTA_SET_ELEM_USERDATA
+                    let u = Udata::default().u32(UDATA_ELEM_FLAGS, UDATA_ELEM_INTERVAL_OPEN);
+                    a.bytes(6, &u.0); // NFTA_SET_ELEM_USERDATA
                 }
                 a.end(e);
             }
@@ -275,29 +290,38 @@ impl Writer {
     }
 
     /// An anonymous set for a rule's list, named by the kernel.
+    /// `order`: the keys' byte order as nft records it; `typeof`: the expression they are
+    /// keys of, as nft records it.
+    #[allow(clippy::too_many_arguments)]
     fn anonymous(
         &mut self,
         key_type: u32,
         key_len: u32,
-        udata: &[u8],
+        order: u32,
+        typeof_: Udata,
         elems: &[Interval],
         interval: bool,
     ) -> u32 {
         let mut flags = SET_ANONYMOUS | SET_CONSTANT;
+        let mut udata = Udata::default().u32(UDATA_KEY_BYTEORDER, order);
         let size = if interval {
             flags |= SET_INTERVAL;
+            // nft merges an anonymous interval set's elements, and says so.
+            udata = udata.u32(UDATA_MERGE_ELEMENTS, 1);
             2 * elems.len() as u32 + 1
         } else {
             elems.len() as u32
         };
-        // nft marks an anonymous interval set for merging (udata 2); the rest is as given.
-        let mut u = Vec::with_capacity(udata.len() + 6);
-        u.extend_from_slice(&udata[..6]);
-        if interval {
-            u.extend_from_slice(&[2, 4, 1, 0, 0, 0]);
-        }
-        u.extend_from_slice(&udata[6..]);
-        self.set("__set%d", flags, key_type, key_len, Some(size), &u, elems)
+        let udata = udata.nest(UDATA_KEY_TYPEOF, typeof_);
+        self.set(
+            "__set%d",
+            flags,
+            key_type,
+            key_len,
+            Some(size),
+            &udata.0,
+            elems,
+        )
     }
 
     fn rule(&mut self, chain: &str, rule: &NftRule, named: &[(&str, u32)]) {
@@ -308,9 +332,8 @@ impl Writer {
                 anon.push(id);
             }
         }
-        let a = self.msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, || {
-            format!("rule `{}` in chain {chain}", rule.text())
-        });
+        let what = format!("rule `{}` in chain {chain}", rule.text());
+        let a = self.msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, what);
         a.str(1, TABLE); // NFTA_RULE_TABLE
         a.str(2, chain); // NFTA_RULE_CHAIN
         let exprs = a.nest(4); // NFTA_RULE_EXPRESSIONS
@@ -330,29 +353,30 @@ impl Writer {
     /// The anonymous set a statement's list needs, written now; its id.
     fn list_set(&mut self, s: &Stmt) -> Option<u32> {
         match s {
-            Stmt::Ports { proto, ports, .. } if ports.len() > 1 => {
-                // udata: network byte order; typeof `tcp dport` (payload, tcp or udp, dport).
+            // Not one port (a single port or range is a comparison): a set. The statement
+            // takes the set under the same condition, so sets and lookups pair up.
+            Stmt::Ports { proto, ports, .. } if ports.len() != 1 => {
                 let desc = match proto {
-                    Proto::Tcp => 8,
-                    Proto::Udp => 6,
+                    Proto::Tcp => PROTO_DESC_TCP,
+                    Proto::Udp => PROTO_DESC_UDP,
                 };
-                let udata = [
-                    0, 4, 2, 0, 0, 0, 3, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, desc, 0, 0, 0, 1, 4, 2,
-                    0, 0, 0,
-                ];
+                // typeof `tcp dport`: a payload expression, its protocol and field.
+                let field = Udata::default().u32(0, desc).u32(1, PORT_DPORT);
+                let typeof_ = Udata::default().u32(0, EXPR_PAYLOAD).nest(1, field);
                 let elems: Vec<Interval> = ports.iter().map(port_interval).collect();
                 let interval = ports.iter().any(|p| p.first != p.last);
-                Some(self.anonymous(TYPE_INET_SERVICE, 2, &udata, &elems, interval))
+                let order = BYTEORDER_BIG_ENDIAN;
+                Some(self.anonymous(TYPE_INET_SERVICE, 2, order, typeof_, &elems, interval))
             }
-            Stmt::Owner { kind, ids, .. } if ids.len() > 1 => {
+            Stmt::Owner { kind, ids, .. } if ids.len() != 1 => {
                 let (key_type, key) = match kind {
-                    Owner::Uid => (TYPE_UID, META_SKUID as u8),
-                    Owner::Gid => (TYPE_GID, META_SKGID as u8),
+                    Owner::Uid => (TYPE_UID, META_SKUID),
+                    Owner::Gid => (TYPE_GID, META_SKGID),
                 };
-                // udata: host byte order; typeof `meta skuid`.
-                let udata = [
-                    0, 4, 1, 0, 0, 0, 3, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, key, 0, 0, 0,
-                ];
+                // typeof `meta skuid`: a meta expression and its key.
+                let typeof_ = Udata::default()
+                    .u32(0, EXPR_META)
+                    .nest(1, Udata::default().u32(0, key));
                 // A set of single ids holds them in host order; an interval set in network
                 // order, which the rule converts to.
                 let interval = ids.iter().any(|i| i.first != i.last);
@@ -363,10 +387,29 @@ impl Writer {
                         .map(|i| (i.first.to_ne_bytes().to_vec(), None))
                         .collect()
                 };
-                Some(self.anonymous(key_type, 4, &udata, &elems, interval))
+                Some(self.anonymous(key_type, 4, BYTEORDER_HOST, typeof_, &elems, interval))
             }
             _ => None,
         }
+    }
+}
+
+/// libnftnl userdata: (type, length, value) records, numbers in host byte order.
+#[derive(Default)]
+struct Udata(Vec<u8>);
+
+impl Udata {
+    fn u32(mut self, kind: u8, value: u32) -> Udata {
+        self.0.extend_from_slice(&[kind, 4]);
+        self.0.extend_from_slice(&value.to_ne_bytes());
+        self
+    }
+
+    fn nest(mut self, kind: u8, inner: Udata) -> Udata {
+        debug_assert!(inner.0.len() <= usize::from(u8::MAX));
+        self.0.extend_from_slice(&[kind, inner.0.len() as u8]);
+        self.0.extend_from_slice(&inner.0);
+        self
     }
 }
 
