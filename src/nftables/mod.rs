@@ -230,19 +230,38 @@ fn ports_text(ports: &[PortRange]) -> String {
     }
 }
 
-/// Overlapping or touching port ranges joined, sorted (nft refuses overlapping intervals).
-fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
-    ports.sort();
-    let mut out: Vec<PortRange> = Vec::new();
-    for p in ports {
+/// Overlapping or touching ranges joined, sorted: nft refuses overlapping intervals and
+/// merges an anonymous interval set's elements, so what it lists (and what the kernel takes)
+/// is the merged list. `span` gives a range's first and last value; `extend` sets its last.
+fn merge<T>(
+    mut items: Vec<T>,
+    span: impl Fn(&T) -> (u64, u64),
+    extend: impl Fn(&mut T, u64),
+) -> Vec<T> {
+    items.sort_by_key(&span);
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        let (first, last) = span(&item);
         match out.last_mut() {
-            Some(last) if u32::from(p.first) <= u32::from(last.last) + 1 => {
-                last.last = last.last.max(p.last)
+            Some(prev) if first <= span(prev).1 + 1 => {
+                if last > span(prev).1 {
+                    extend(prev, last)
+                }
             }
-            _ => out.push(p),
+            _ => out.push(item),
         }
     }
     out
+}
+
+fn merge_ports(ports: Vec<PortRange>) -> Vec<PortRange> {
+    let span = |p: &PortRange| (u64::from(p.first), u64::from(p.last));
+    merge(ports, span, |p, last| p.last = last as u16)
+}
+
+fn merge_ids(ids: Vec<IdRange>) -> Vec<IdRange> {
+    let span = |i: &IdRange| (u64::from(i.first), u64::from(i.last));
+    merge(ids, span, |i, last| i.last = last as u32)
 }
 
 fn ids_text(ids: &[IdRange]) -> String {
@@ -364,22 +383,6 @@ pub(crate) struct Set {
 pub(crate) struct Table<'a> {
     pub sets: Vec<Set>,
     pub chains: Vec<Chain<'a>>,
-}
-
-/// Overlapping or touching id ranges joined, sorted: nft merges an anonymous interval set's
-/// elements, so what it lists (and what the kernel takes) is the merged list.
-fn merge_ids(mut ids: Vec<IdRange>) -> Vec<IdRange> {
-    ids.sort_by_key(|i| (i.first, i.last));
-    let mut out: Vec<IdRange> = Vec::with_capacity(ids.len());
-    for i in ids {
-        match out.last_mut() {
-            Some(last) if u64::from(i.first) <= u64::from(last.last) + 1 => {
-                last.last = last.last.max(i.last)
-            }
-            _ => out.push(i),
-        }
-    }
-    out
 }
 
 /// A plan rule as statements, in nft's listing order; `listed` stands in for the match at its
@@ -1121,6 +1124,41 @@ mod tests {
             text.contains("meta skuid { 1337, 2000-2002 } return"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn overlapping_and_touching_ranges_are_merged_as_nft_merges_them() {
+        let ids = |v: &[(u32, u32)]| {
+            v.iter()
+                .map(|&(first, last)| IdRange { first, last })
+                .collect::<Vec<_>>()
+        };
+        let merged = merge_ids(ids(&[
+            (3000, 3999),
+            (1000, 2000),
+            (1500, 1500),
+            (4000, 4999),
+        ]));
+        assert_eq!(merged, ids(&[(1000, 2000), (3000, 4999)]));
+        let ports = merge_ports(vec![
+            PortRange {
+                first: 80,
+                last: 80,
+            },
+            PortRange {
+                first: 65000,
+                last: 65535,
+            },
+            PortRange {
+                first: 81,
+                last: 90,
+            },
+            PortRange {
+                first: 65535,
+                last: 65535,
+            },
+        ]);
+        assert_eq!(ports_text(&ports), "{ 80-90, 65000-65535 }");
     }
 
     #[test]
