@@ -187,15 +187,7 @@ pub fn spawn_tool(
     input: Option<&str>,
     ns: Option<&Netns>,
 ) -> Result<Running, NetfilterError> {
-    spawn(tool, args, input.map(str::to_string), ns)
-}
-
-fn spawn(
-    tool: &str,
-    args: &[&str],
-    input: Option<String>,
-    ns: Option<&Netns>,
-) -> Result<Running, NetfilterError> {
+    let input = input.map(str::to_string);
     let path = find_tool(tool).ok_or_else(|| NetfilterError::MissingTool {
         tool: tool.to_string(),
     })?;

@@ -197,16 +197,10 @@ impl Batch {
     /// A batch begin or end: sequence 0, for the nf_tables subsystem.
     fn frame(&mut self, kind: u16) {
         let buf = &mut self.attrs.0;
-        let at = buf.len();
-        buf.extend_from_slice(&(HEADER as u32 + 4).to_ne_bytes());
-        buf.extend_from_slice(&kind.to_ne_bytes());
-        buf.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
+        push_header(buf, HEADER as u32 + 4, kind, NLM_F_REQUEST, 0);
         // nfgenmsg: AF_UNSPEC, version 0, resource id: the subsystem, big-endian.
         buf.extend_from_slice(&[0, 0]);
         buf.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
-        debug_assert_eq!(buf.len() - at, HEADER + 4);
     }
 
     /// Starts an nf_tables message (`NFT_MSG_*` `kind`) for `family`; write its attributes
@@ -216,11 +210,9 @@ impl Batch {
         let seq = self.what.len() as u32;
         let buf = &mut self.attrs.0;
         self.start = buf.len();
-        buf.extend_from_slice(&0u32.to_ne_bytes());
-        buf.extend_from_slice(&(NFNL_SUBSYS_NFTABLES << 8 | u16::from(kind)).to_ne_bytes());
-        buf.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
+        let kind = NFNL_SUBSYS_NFTABLES << 8 | u16::from(kind);
+        // The length is set in `finish`; then nfgenmsg: the family, version 0, resource 0.
+        push_header(buf, 0, kind, NLM_F_REQUEST | flags, seq);
         buf.extend_from_slice(&[family, 0, 0, 0]);
         &mut self.attrs
     }
@@ -341,12 +333,17 @@ fn first_error(mut data: &[u8]) -> Option<(u32, io::Error)> {
 
 fn header(kind: u16, flags: u16) -> Vec<u8> {
     let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set in `exchange`
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&flags.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    push_header(&mut msg, 0, kind, flags, 1); // the length is set in `exchange`
     msg
+}
+
+/// A netlink message header (`struct nlmsghdr`); the port id is the kernel's to fill in.
+fn push_header(buf: &mut Vec<u8>, len: u32, kind: u16, flags: u16, seq: u32) {
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
 }
 
 fn attribute(msg: &mut Vec<u8>, kind: u16, value: &[u8]) {

@@ -307,7 +307,7 @@ pub(crate) enum Addr {
 
 /// One statement of a rule, in the order nft lists them. [`render`] prints these and
 /// [`wire`] encodes them for the kernel, so the dry-run text and the transaction are one rule
-/// set. Lists are kept as nft keeps them: ports merged and sorted, ids sorted.
+/// set. Lists are kept as nft keeps them: ports and ids merged and sorted.
 #[derive(Clone, Debug)]
 pub(crate) enum Stmt<'a> {
     /// `ip saddr` / `ip6 daddr` ...: the family is the rule's.

@@ -169,13 +169,20 @@ fn table_msg(b: &mut Batch, kind: u8, flags: u16, what: &str) {
 /// A key interval `[start, end)`, with no end when it runs to the last key.
 type Interval = (Vec<u8>, Option<Vec<u8>>);
 
+/// `first..=last` (big-endian keys) as an interval.
+fn interval(first: Vec<u8>, last: Vec<u8>) -> Interval {
+    (first, successor(last))
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
 fn net_interval(n: &IpNet) -> Interval {
-    let (start, last) = match (n.network(), n.broadcast()) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (a.octets().to_vec(), b.octets().to_vec()),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (a.octets().to_vec(), b.octets().to_vec()),
-        _ => unreachable!("one prefix has one family"),
-    };
-    (start, successor(last))
+    interval(octets(n.network()), octets(n.broadcast()))
 }
 
 /// The big-endian number one past `key`, or `None` past the last one.
@@ -192,17 +199,23 @@ fn successor(mut key: Vec<u8>) -> Option<Vec<u8>> {
 }
 
 fn port_interval(p: &PortRange) -> Interval {
-    (
+    interval(
         p.first.to_be_bytes().to_vec(),
-        successor(p.last.to_be_bytes().to_vec()),
+        p.last.to_be_bytes().to_vec(),
     )
 }
 
 fn id_interval(i: &IdRange) -> Interval {
-    (
+    interval(
         i.first.to_be_bytes().to_vec(),
-        successor(i.last.to_be_bytes().to_vec()),
+        i.last.to_be_bytes().to_vec(),
     )
+}
+
+/// Whether an id list holds a range: it is then an interval set in network byte order, which
+/// the rule converts the socket's id to first.
+fn has_range(ids: &[IdRange]) -> bool {
+    ids.iter().any(|i| i.first != i.last)
 }
 
 struct Writer {
@@ -292,7 +305,6 @@ impl Writer {
     /// An anonymous set for a rule's list, named by the kernel.
     /// `order`: the keys' byte order as nft records it; `typeof`: the expression they are
     /// keys of, as nft records it.
-    #[allow(clippy::too_many_arguments)]
     fn anonymous(
         &mut self,
         key_type: u32,
@@ -377,9 +389,8 @@ impl Writer {
                 let typeof_ = Udata::default()
                     .u32(0, EXPR_META)
                     .nest(1, Udata::default().u32(0, key));
-                // A set of single ids holds them in host order; an interval set in network
-                // order, which the rule converts to.
-                let interval = ids.iter().any(|i| i.first != i.last);
+                // A set of single ids holds them in host order.
+                let interval = has_range(ids);
                 let elems: Vec<Interval> = if interval {
                     ids.iter().map(id_interval).collect()
                 } else {
@@ -587,10 +598,7 @@ impl Exprs<'_> {
                         self.lookup(name, id, *negate);
                     }
                     Addr::Net(net) => {
-                        let bytes = match net.trunc().addr() {
-                            IpAddr::V4(a) => a.octets().to_vec(),
-                            IpAddr::V6(a) => a.octets().to_vec(),
-                        };
+                        let bytes = octets(net.trunc().addr());
                         let prefix = u32::from(net.prefix_len());
                         // nft loads only the bytes a whole-byte prefix covers, else masks.
                         if prefix == len * 8 || (prefix > 0 && prefix % 8 == 0) {
@@ -599,11 +607,7 @@ impl Exprs<'_> {
                             self.cmp(op(*negate), &bytes[..n as usize]);
                         } else {
                             self.payload(BASE_NETWORK, offset, len);
-                            let mask = match net.netmask() {
-                                IpAddr::V4(m) => m.octets().to_vec(),
-                                IpAddr::V6(m) => m.octets().to_vec(),
-                            };
-                            self.bitwise(&mask);
+                            self.bitwise(&octets(net.netmask()));
                             self.cmp(op(*negate), &bytes);
                         }
                     }
@@ -652,7 +656,7 @@ impl Exprs<'_> {
                         self.between(&i.first.to_be_bytes(), &i.last.to_be_bytes(), *negate);
                     }
                     _ => {
-                        if ids.iter().any(|i| i.first != i.last) {
+                        if has_range(ids) {
                             self.hton32();
                         }
                         let id = anon.next().unwrap_or(0);
